@@ -1,0 +1,247 @@
+"""Dataclass schemas for every config section: the one place defaults and docs live.
+
+They are registered in Hydra's ConfigStore (see :func:`register_configs`), and
+``conf/config.yaml`` lists ``config_schema`` first in its defaults, so every YAML
+group and command-line override is merged into these typed, struct-mode configs:
+a misspelt key or a wrong type fails at compose time with a message naming the key.
+
+YAML files under ``conf/`` only hold values that *differ* from these defaults.
+Names follow TRL / verl where they have one (``beta``, ``kl_coef``, ``cliprange``...).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class PathsConfig:
+    #: repository / working root (defaults to Hydra's original cwd)
+    root_dir: str = "."
+    #: this run's directory (Hydra's run dir; set by the entry point)
+    output_dir: str = "outputs/runs/manual"
+    #: shared content-addressed stage cache; every run and sweep reuses it
+    artifact_dir: str = "${paths.root_dir}/outputs/artifacts"
+
+
+@dataclass
+class TaskConfig:
+    #: built-in task: ``lexicon`` (text, hidden gold reward) or ``arithmetic`` (verifiable)
+    name: str = "lexicon"
+    #: seed of the task's data generators (separate from the training ``seed``)
+    seed: int = 1234
+    #: prompts for SFT demonstrations / preference pairs / held-out evaluation
+    num_train_prompts: int = 2000
+    num_pref_prompts: int = 2000
+    num_eval_prompts: int = 128
+    #: Bradley-Terry sharpness: P(a > b) = sigmoid(bt_beta * (gold(a) - gold(b)))
+    bt_beta: float = 4.0
+    #: probability of flipping a sampled preference label (synthetic annotator noise)
+    label_noise: float = 0.0
+    #: quality knob of the demonstration policy in [0, 1] (low leaves RL headroom)
+    demo_quality: float = 0.3
+    #: task-specific options (see each task's docstring)
+    options: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    #: module names to adapt; null = peft's default for the architecture
+    target_modules: Optional[List[str]] = None
+
+
+@dataclass
+class ModelConfig:
+    #: hub id or local directory of a pretrained model; null = build ``arch`` from scratch
+    name_or_path: Optional[str] = None
+    #: built-in random-init architecture when name_or_path is null: ``gpt2`` or ``llama``
+    arch: str = "gpt2"
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    #: vocabulary size of the tokenizer trained on the task corpus (built-in models)
+    vocab_size: int = 512
+    #: context length (prompt + completion) for training and generation
+    max_length: int = 64
+    #: tokenizer to use instead of the model's own / the trained one (hub id or dir)
+    tokenizer: Optional[str] = None
+    #: Jinja chat template to install on the tokenizer (conversational data)
+    chat_template: Optional[str] = None
+    #: executing model code from the hub is off unless you trust it
+    trust_remote_code: bool = False
+    dropout: float = 0.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    #: null = the task's built-in generator; else a local jsonl/json/parquet/csv file
+    #: (or directory) or a Hugging Face Hub dataset name
+    path: Optional[str] = None
+    #: hub dataset config / subset name
+    name: Optional[str] = None
+    split: str = "train"
+    #: auto | language_modeling | prompt_completion | preference | conversational
+    format: str = "auto"
+    #: rename user columns to canonical ones, e.g. {question: prompt, answer: completion}
+    columns: Dict[str, str] = field(default_factory=dict)
+    max_samples: Optional[int] = None
+    #: fraction held out for validation metrics
+    eval_fraction: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    #: transformers scheduler name: linear | cosine | constant_with_warmup | ...
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+
+
+@dataclass
+class SFTConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_epochs: int = 4
+    #: -1 = run max_epochs
+    max_steps: int = -1
+    #: mask prompt tokens out of the loss (TRL's completion_only_loss)
+    completion_only_loss: bool = True
+    #: what to do with prompts that do not fit model.max_length: error | drop
+    on_long_prompt: str = "error"
+    #: keep a Lightning checkpoint (last.ckpt) in the stage's work directory
+    checkpoint: bool = True
+
+
+@dataclass
+class RewardConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
+    #: backbone: ``sft`` (start from the SFT stage's model, N+ recipe) or ``model``
+    #: (build / load ``reward.model`` - e.g. a pretrained encoder - independently)
+    init_from: str = "sft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    #: IDS / N+ observe RMs overfit after the first epoch
+    max_epochs: int = 1
+    max_steps: int = -1
+    #: Bradley-Terry margin: use the data's ``margin`` column when present
+    use_margin: bool = True
+    #: reward centering coefficient c * (r_w + r_l)^2 (Eisenstein et al.)
+    center_rewards_coefficient: float = 0.0
+    #: K members trained on bootstrap resamples (Coste et al. ensembles)
+    ensemble_size: int = 1
+    #: shift rewards so SFT demonstrations score 0 on average (N+ detail)
+    normalize_to_sft: bool = True
+    checkpoint: bool = False
+
+
+@dataclass
+class EvalConfig:
+    #: sampling for policy evaluation
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    #: samples per held-out prompt
+    num_samples: int = 2
+    batch_size: int = 64
+    #: completions written to the stage's examples.jsonl and printed
+    num_examples: int = 4
+    #: ensemble aggregation for the proxy reward: mean | wco | uwo
+    reward_aggregation: str = "mean"
+    #: also evaluate the random-init / pretrained base model for comparison
+    include_base: bool = False
+
+
+@dataclass
+class StageSpec:
+    #: unique name of the stage in this pipeline (used as input reference)
+    name: str = MISSING
+    #: stage kind from the stage registry: sft | reward | evaluate | ...
+    kind: str = MISSING
+    #: role -> upstream stage name(s), e.g. {policy: sft} or {policies: [sft, ppo]}
+    inputs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineConfig:
+    #: label of the chain (for run names / grouping)
+    name: str = "default"
+    stages: List[StageSpec] = field(default_factory=list)
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings shared by every training stage."""
+
+    accelerator: str = "cpu"
+    devices: Any = 1
+    #: auto | ddp | ddp_spawn | fsdp | deepspeed_stage_2 ...
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    gradient_clip_val: Optional[float] = 1.0
+    log_every_n_steps: int = 10
+    #: validation passes per epoch (0 disables)
+    val_check_interval: Optional[float] = None
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    #: torch intra-op threads (null = torch default)
+    num_threads: Optional[int] = None
+
+
+@dataclass
+class WandbConfig:
+    project: str = "rlhf-pipeline"
+    entity: Optional[str] = None
+    #: null = online when credentials are configured (WANDB_API_KEY / netrc), else offline
+    mode: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    #: Lightning loggers: any of csv, wandb, tensorboard (CSV is always added)
+    backends: List[str] = field(default_factory=lambda: ["csv"])
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    #: training seed (model init, data order, sampling); tasks have their own seed
+    seed: int = 0
+    #: recompute every stage even when a cached artifact matches
+    force: bool = False
+    #: label shown in logs / W&B run names
+    run_name: str = "${pipeline.name}"
+    #: print a summary table at the end
+    print_summary: bool = True
+
+
+def register_configs() -> None:
+    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)

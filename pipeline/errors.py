@@ -1,0 +1,43 @@
+"""User-facing errors.
+
+A :class:`PipelineError` is a mistake the user can fix (bad config value, missing file,
+malformed data line, offline hub lookup...). The entry points catch it and print one
+clear message, exit non-zero, and show no traceback. Everything else is a bug and keeps
+its traceback.
+"""
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """An error caused by the user's inputs or configuration.
+
+    ``where`` names the config key, file or ``file:line``; ``fix`` says what to do.
+    """
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
+        self.message = message
+        self.where = where
+        self.fix = fix
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        parts = []
+        if self.where:
+            parts.append(f"{self.where}: {self.message}")
+        else:
+            parts.append(self.message)
+        if self.fix:
+            parts.append(f"  fix: {self.fix}")
+        return "\n".join(parts)
+
+
+class ConfigError(PipelineError):
+    """A configuration value is invalid (names the key)."""
+
+
+class DataError(PipelineError):
+    """A dataset is missing, malformed or has the wrong columns (names the file/line/column)."""
+
+
+class TrainingError(PipelineError):
+    """Training diverged (NaN/inf loss) or could not proceed."""

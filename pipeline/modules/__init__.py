@@ -1,0 +1,1 @@
+"""Thin LightningModules: they call algorithms/ and rollout/, Lightning does the loop."""

@@ -1,0 +1,19 @@
+"""Generation engine shared by every online algorithm (see :mod:`pipeline.rollout.engine`)."""
+
+from pipeline.rollout.engine import (
+    HFRolloutEngine,
+    RolloutBatch,
+    RolloutEngine,
+    SamplingParams,
+    position_ids_from_mask,
+    sequence_logprobs,
+)
+
+__all__ = [
+    "HFRolloutEngine",
+    "RolloutBatch",
+    "RolloutEngine",
+    "SamplingParams",
+    "position_ids_from_mask",
+    "sequence_logprobs",
+]

@@ -1,0 +1,173 @@
+"""Staged runner: ``python -m pipeline [overrides]`` or :func:`run_pipeline` from Python.
+
+Runs the stages of ``cfg.pipeline.stages`` in order. Each stage is looked up in the
+artifact store by its fingerprint and reused when present (unless ``force=true``);
+otherwise it runs and publishes atomically. The run directory receives the resolved
+config (``config.yaml``), ``results.json`` (final metrics per stage; identical across
+reruns of the same config) and ``run.json`` (timings, which stages were reused,
+versions, seed).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import ConfigError, PipelineError
+
+log = logging.getLogger("pipeline")
+
+#: the Hydra config directory (conf/ at the repository root)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _validate(cfg: DictConfig) -> None:
+    from pipeline.stages import STAGES
+
+    stages = cfg.pipeline.stages
+    if not stages:
+        raise ConfigError("the pipeline has no stages", where="pipeline.stages",
+                          fix="pick a pipeline preset, e.g. pipeline=default")
+    seen: set[str] = set()
+    for i, spec in enumerate(stages):
+        where = f"pipeline.stages[{i}]"
+        STAGES.get(spec.kind, key=f"{where}.kind")
+        if spec.name in seen:
+            raise ConfigError(f"duplicate stage name {spec.name!r}", where=f"{where}.name")
+        for role, ref in spec.inputs.items():
+            for name in ref if OmegaConf.is_list(ref) or isinstance(ref, list) else [ref]:
+                if name not in seen:
+                    raise ConfigError(
+                        f"input {role}={name!r} does not name an earlier stage (earlier: {sorted(seen) or 'none'})",
+                        where=f"{where}.inputs.{role}", fix="list upstream stages before the stages that use them")
+        seen.add(spec.name)
+
+
+def _resolve_inputs(spec, done: dict[str, Any]) -> tuple[dict, dict]:
+    arts, fps = {}, {}
+    for role, ref in spec.inputs.items():
+        if OmegaConf.is_list(ref) or isinstance(ref, list):
+            arts[role] = [done[n] for n in ref]
+            fps[role] = [done[n].fingerprint for n in ref]
+        else:
+            arts[role] = done[ref]
+            fps[role] = done[ref].fingerprint
+    return arts, fps
+
+
+def run_pipeline(cfg: DictConfig, hook=None) -> dict:
+    """Run every stage of ``cfg.pipeline`` and return ``results`` (also saved as JSON).
+
+    ``hook(stage_name, step, metrics)`` receives intermediate metrics during training
+    stages; an exception it raises (e.g. ``optuna.TrialPruned``) stops the run and
+    nothing half-finished is published.
+    """
+    import lightning as L
+
+    from pipeline.artifacts import ArtifactStore, versions
+    from pipeline.stages import STAGES
+
+    _validate(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    store = ArtifactStore(cfg.paths.artifact_dir)
+    store.clean_tmp()
+
+    results: dict = {"pipeline": cfg.pipeline.name, "seed": cfg.seed, "stages": {}}
+    run_info: dict = {"seed": cfg.seed, "versions": versions(), "stages": {}}
+    done: dict[str, Any] = {}
+    for spec in cfg.pipeline.stages:
+        stage_cls = STAGES.get(spec.kind)
+        inputs, input_fps = _resolve_inputs(spec, done)
+        stage_config = stage_cls.fingerprint_config(cfg, spec)
+        from pipeline.artifacts import fingerprint
+
+        fp = fingerprint(spec.kind, stage_config, input_fps)
+        t0 = time.time()
+        with store.lock(spec.kind, fp):
+            art = None if cfg.force else store.lookup(spec.kind, fp)
+            reused = art is not None
+            if reused:
+                log.info("stage %s (%s): reusing %s", spec.name, spec.kind, art.path)
+            else:
+                log.info("stage %s (%s): running -> %s", spec.name, spec.kind, store.path_for(spec.kind, fp))
+                L.seed_everything(cfg.seed, workers=True, verbose=False)
+                stage = stage_cls(cfg, spec, inputs, hook=hook, run_dir=run_dir)
+                manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in input_fps.items()},
+                            "config": stage_config, "seed": cfg.seed}
+                with store.build(spec.kind, fp, manifest) as (work, record):
+                    record["metrics"] = stage.run(work)
+                    record.update(stage.record)
+                art = store.lookup(spec.kind, fp)
+                if art is None:  # non-zero rank under torchrun: rank 0 published it
+                    raise RuntimeError(f"artifact for stage {spec.name} missing after build")
+        done[spec.name] = art
+        _link(run_dir / "stages" / spec.name, art.path)
+        results["stages"][spec.name] = {"kind": spec.kind, "fingerprint": fp, "metrics": art.metrics}
+        run_info["stages"][spec.name] = {"reused": reused, "seconds": round(time.time() - t0, 3),
+                                         "artifact": str(art.path)}
+        if hook is not None:
+            hook(spec.name, -1, dict(art.metrics))
+
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
+    if cfg.print_summary:
+        from pipeline.summary import print_summary
+
+        print_summary(results, run_info, run_dir)
+    return results
+
+
+def _link(link: Path, target: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    try:
+        link.symlink_to(target.resolve(), target_is_directory=True)
+    except OSError:  # pragma: no cover - filesystems without symlinks
+        (link.with_suffix(".path")).write_text(str(target.resolve()))
+
+
+def report_error(err: PipelineError) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err.render()}")
+
+
+def _setup_env() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
+                  "lightning.pytorch.accelerators.cuda"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    import hydra
+
+    from pipeline.config.schema import register_configs
+
+    _setup_env()
+    register_configs()
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _main(cfg: DictConfig) -> Any:
+        try:
+            results = run_pipeline(cfg)
+        except PipelineError as err:
+            report_error(err)
+            sys.exit(2)
+        return results
+
+    _main()
+
+
+if __name__ == "__main__":
+    main()

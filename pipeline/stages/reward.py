@@ -1,0 +1,137 @@
+"""Reward-model stage: Bradley-Terry on preference pairs, optional K-member ensemble."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.data import load_preference_examples
+from pipeline.errors import ConfigError, DataError
+from pipeline.models.loading import count_parameters, load_tokenizer, resolve_tokenizer
+from pipeline.models.reward import (
+    META,
+    PairCollator,
+    RewardEnsemble,
+    RewardScorer,
+    encode_preferences,
+    load_sequence_classifier,
+)
+from pipeline.modules.reward import RewardModule
+from pipeline.stages.base import STAGES, Stage
+from pipeline.stages.sft import split_holdout, with_key
+from pipeline.tasks import build_task
+from pipeline.training import build_trainer
+
+INIT_CHOICES = ("sft", "model")
+
+
+@STAGES.register("reward")
+class RewardStage(Stage):
+    kind = "reward"
+    config_keys = ("task", "reward", "trainer")
+
+    @classmethod
+    def fingerprint_config(cls, cfg, spec) -> dict:
+        out = super().fingerprint_config(cfg, spec)
+        for k in ("num_train_prompts", "num_eval_prompts"):
+            out["task"].pop(k, None)
+        if cfg.reward.init_from == "sft":
+            out["reward"].pop("model", None)
+        else:
+            out["max_length"] = cfg.model.max_length
+        return out
+
+    # ------------------------------------------------------------------ model
+    def _members(self, k_members: int):
+        rcfg = self.cfg.reward
+        if rcfg.init_from not in INIT_CHOICES:
+            raise ConfigError(f"unknown value {rcfg.init_from!r}; choose one of {INIT_CHOICES}", where="reward.init_from")
+        if rcfg.init_from == "sft":
+            src = self.input("policy").model_dir
+            tokenizer = load_tokenizer(str(src), key="reward.init_from")
+            make = lambda: load_sequence_classifier(src, pad_token_id=tokenizer.pad_token_id, key="reward.init_from")
+            max_length = self.cfg.model.max_length
+        else:
+            mcfg = rcfg.model
+            task = build_task(self.cfg.task)
+            tokenizer = resolve_tokenizer(mcfg, task.corpus)
+            max_length = mcfg.max_length
+            if mcfg.name_or_path:
+                make = lambda: load_sequence_classifier(mcfg.name_or_path, pad_token_id=tokenizer.pad_token_id,
+                                                        trust_remote_code=mcfg.trust_remote_code)
+            else:
+                make = lambda: _random_init_classifier(mcfg, tokenizer)
+        members = []
+        for k in range(k_members):
+            L.seed_everything(self.cfg.seed + k, verbose=False)  # members differ in head init
+            members.append(make())
+        return members, tokenizer, max_length
+
+    # ------------------------------------------------------------------- data
+    def _data(self, tokenizer):
+        rcfg = self.cfg.reward
+        if rcfg.data.path:
+            examples = load_preference_examples(with_key(rcfg.data, "reward.data"), tokenizer=tokenizer)
+            train, val = split_holdout(examples, rcfg.data.eval_fraction, self.cfg.seed)
+            reference = [(e.prompt, e.chosen) for e in train] + [(e.prompt, e.rejected) for e in train]
+            return train, val, reference
+        task = build_task(self.cfg.task)
+        examples = task.preference_examples("pref")
+        train, val = split_holdout(examples, rcfg.data.eval_fraction, self.cfg.seed)
+        reference = [(e.prompt, e.completion) for e in task.sft_examples("eval")]
+        return train, val, reference
+
+    def run(self, work_dir: Path) -> dict:
+        rcfg = self.cfg.reward
+        if rcfg.ensemble_size < 1:
+            raise ConfigError("must be >= 1", where="reward.ensemble_size")
+        members, tokenizer, max_length = self._members(rcfg.ensemble_size)
+        train, val, reference = self._data(tokenizer)
+        if not train:
+            raise DataError("no preference pairs to train on", where="reward.data")
+        collate = PairCollator(tokenizer.pad_token_id)
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        train_loader = DataLoader(encode_preferences(train, tokenizer, max_length), batch_size=rcfg.batch_size,
+                                  shuffle=True, collate_fn=collate, generator=gen)
+        val_loader = (DataLoader(encode_preferences(val, tokenizer, max_length), batch_size=64, collate_fn=collate)
+                      if val else None)
+        ensemble = RewardEnsemble(members)
+        module = RewardModule(ensemble, rcfg.optim, center_coef=rcfg.center_rewards_coefficient,
+                              use_margin=rcfg.use_margin, seed=self.cfg.seed)
+        trainer = build_trainer(self.cfg, stage=self.name, work_dir=work_dir, max_epochs=rcfg.max_epochs,
+                                max_steps=rcfg.max_steps, accumulate_grad_batches=rcfg.gradient_accumulation_steps,
+                                hook=self.hook, checkpoint=rcfg.checkpoint)
+        trainer.fit(module, train_loader, val_loader)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+        ensemble = module.ensemble.cpu().eval()
+        scorer = RewardScorer(ensemble, tokenizer, [0.0] * len(members), max_length)
+        offsets = [0.0] * len(members)
+        if rcfg.normalize_to_sft and reference:
+            ref = reference[:512]
+            offsets = scorer.member_scores([p for p, _ in ref], [c for _, c in ref]).mean(1).tolist()
+        names = []
+        for k, member in enumerate(ensemble.members):
+            name = f"model/member_{k}"
+            member.save_pretrained(work_dir / name, safe_serialization=True)
+            tokenizer.save_pretrained(work_dir / name)
+            names.append(name)
+        meta = {"members": names, "offsets": offsets, "max_length": max_length}
+        (work_dir / META).write_text(json.dumps(meta, indent=2))
+        metrics.update({"train/pairs": len(train), "val/pairs": len(val), "reward/offset_mean": sum(offsets) / len(offsets),
+                        "model/parameters": count_parameters(ensemble)})
+        self.record["reward_model"] = {"ensemble_size": len(members), "init_from": rcfg.init_from}
+        return metrics
+
+
+def _random_init_classifier(mcfg, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.models.loading import build_causal_lm
+
+    lm = build_causal_lm(mcfg, tokenizer)
+    lm.config.num_labels = 1
+    return AutoModelForSequenceClassification.from_config(lm.config)

@@ -1,0 +1,101 @@
+"""SFT stage: fine-tune the base policy on demonstrations (completion-only loss)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.data import SFTCollator, load_sft_examples, tokenize_sft
+from pipeline.errors import DataError
+from pipeline.models.loading import count_parameters, resolve_tokenizer, save_pretrained
+from pipeline.models.policy import apply_lora, base_policy
+from pipeline.modules.sft import SFTModule, heldout_nll
+from pipeline.stages.base import STAGES, Stage, plain
+from pipeline.tasks import build_task
+from pipeline.training import build_trainer
+
+#: task fields that only affect preference / evaluation data
+TASK_FIELDS_NOT_USED_BY_SFT = ("num_pref_prompts", "num_eval_prompts", "bt_beta", "label_noise")
+
+
+def split_holdout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(examples), generator=g).tolist()
+    n_val = max(1, int(round(len(examples) * fraction))) if fraction > 0 and len(examples) > 1 else 0
+    val = [examples[i] for i in perm[:n_val]]
+    train = [examples[i] for i in perm[n_val:]]
+    return train, val
+
+
+@STAGES.register("sft")
+class SFTStage(Stage):
+    kind = "sft"
+    config_keys = ("task", "model", "sft", "trainer")
+
+    @classmethod
+    def fingerprint_config(cls, cfg, spec) -> dict:
+        out = super().fingerprint_config(cfg, spec)
+        for k in TASK_FIELDS_NOT_USED_BY_SFT:
+            out["task"].pop(k, None)
+        return out
+
+    def data(self):
+        """(train, validation, tokenizer-corpus function): the user's file or the task's demos."""
+        cfg, dcfg = self.cfg, self.cfg.sft.data
+        if dcfg.path:
+            # a tokenizer only to render chat templates of conversational rows
+            fmt_tok = resolve_tokenizer(cfg.model, lambda: ["a"])
+            examples = load_sft_examples(with_key(dcfg, "sft.data"), tokenizer=fmt_tok)
+            train, val = split_holdout(examples, dcfg.eval_fraction, cfg.seed)
+            return train, val, lambda: [e.prompt + e.completion for e in examples]
+        task = build_task(cfg.task)
+        return task.sft_examples("sft"), task.sft_examples("eval"), task.corpus
+
+    def run(self, work_dir: Path) -> dict:
+        cfg, scfg = self.cfg, self.cfg.sft
+        train, val, corpus = self.data()
+        model, tokenizer = base_policy(cfg.model, corpus)
+        max_len = cfg.model.max_length
+        train_rows = tokenize_sft(train, tokenizer, max_len, completion_only=scfg.completion_only_loss,
+                                  where="sft.data", on_long_prompt=scfg.on_long_prompt)
+        val_rows = tokenize_sft(val, tokenizer, max_len, completion_only=scfg.completion_only_loss,
+                                where="sft.data", on_long_prompt=scfg.on_long_prompt) if val else []
+        if not train_rows:
+            raise DataError("no training examples left after tokenization", where="sft.data")
+        collate = SFTCollator(tokenizer.pad_token_id)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        train_loader = DataLoader(train_rows, batch_size=scfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+        val_loader = DataLoader(val_rows, batch_size=64, collate_fn=collate) if val_rows else None
+
+        init_nll = heldout_nll(model, val_loader) if val_loader else float("nan")
+        model = apply_lora(model, cfg.model.lora)
+        module = SFTModule(model, scfg.optim)
+        trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_epochs=scfg.max_epochs,
+                                max_steps=scfg.max_steps, accumulate_grad_batches=scfg.gradient_accumulation_steps,
+                                hook=self.hook, checkpoint=scfg.checkpoint)
+        trainer.fit(module, train_loader, val_loader)
+        trained = module.model
+        if hasattr(trained, "merge_and_unload"):
+            trained = trained.merge_and_unload()
+        final_nll = heldout_nll(trained, val_loader) if val_loader else float("nan")
+        save_pretrained(trained, tokenizer, work_dir / "model")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        metrics.update({
+            "val/loss": final_nll,
+            "val/loss_init": init_nll,
+            "train/examples": len(train_rows),
+            "train/steps": int(trainer.global_step),
+            "model/parameters": count_parameters(trained),
+        })
+        self.record["model"] = {"arch": trained.config.model_type, "parameters": count_parameters(trained)}
+        return metrics
+
+
+def with_key(dcfg, key: str):
+    """A data config as a plain object carrying the config key used in error messages."""
+    d = plain(dcfg)
+    d["key"] = key
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**d)

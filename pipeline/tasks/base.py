@@ -1,0 +1,112 @@
+"""Built-in task interface: prompts, a demonstration policy, a gold reward, synthetic labels.
+
+A task generates everything from seeds, so nothing is downloaded:
+
+- ``prompts(split, n)``: rows (dicts with at least ``prompt``) per split
+  (``sft``, ``pref``, ``rl``, ``eval``), each split from its own seed stream;
+- ``demonstrate(row, rng)``: a *mediocre* demonstration (leaves headroom for RL);
+- ``gold_reward(prompts, completions)``: the hidden ground truth, computed from text only,
+  so it also scores prompts/completions from user data or from any policy;
+- preference pairs: two demonstrations per prompt, labelled by sampling from a
+  Bradley-Terry model on the gold reward, then flipped with probability ``label_noise``
+  (the synthetic-annotator setup of Gao et al.);
+- ``eval_pairs()``: held-out pairs labelled by the gold reward (no noise), with a
+  ``subset`` per pair for RewardBench-style per-subset accuracy.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from typing import Sequence
+
+from pipeline.data.records import PreferenceExample, SFTExample
+from pipeline.registry import Registry
+
+TASKS: Registry[type["Task"]] = Registry("task")
+
+SPLITS = ("sft", "pref", "rl", "eval")
+
+
+def split_seed(seed: int, split: str) -> int:
+    """Independent, stable seed per (task seed, split)."""
+    return int(hashlib.sha256(f"{seed}:{split}".encode()).hexdigest()[:8], 16)
+
+
+class Task:
+    name: str = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.options = dict(getattr(cfg, "options", {}) or {})
+
+    # ----- to implement -------------------------------------------------------------
+    def make_prompt(self, rng: random.Random) -> dict:
+        raise NotImplementedError
+
+    def demonstrate(self, row: dict, rng: random.Random) -> str:
+        raise NotImplementedError
+
+    def gold_reward(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+    def corpus(self) -> list[str]:
+        """Text the built-in tokenizer is trained on."""
+        raise NotImplementedError
+
+    def eval_pairs(self) -> list[PreferenceExample]:
+        """Held-out pairs labelled by the gold reward (ties dropped)."""
+        rng = random.Random(split_seed(self.cfg.seed, "eval_pairs"))
+        out = []
+        for row in self.prompts("eval", self.cfg.num_eval_prompts * 4):
+            a, b = self.demonstrate(row, rng), self.demonstrate(row, rng)
+            ga, gb = self.gold_reward([row["prompt"]] * 2, [a, b])
+            if abs(ga - gb) < 1e-9:
+                continue
+            chosen, rejected = (a, b) if ga > gb else (b, a)
+            out.append(PreferenceExample(row["prompt"], chosen, rejected, subset="demonstrations"))
+        return out
+
+    # ----- shared ------------------------------------------------------------------
+    def prompts(self, split: str, n: int | None = None) -> list[dict]:
+        n = n if n is not None else self._default_n(split)
+        rng = random.Random(split_seed(self.cfg.seed, split))
+        return [self.make_prompt(rng) for _ in range(n)]
+
+    def _default_n(self, split: str) -> int:
+        return {
+            "sft": self.cfg.num_train_prompts,
+            "pref": self.cfg.num_pref_prompts,
+            "rl": self.cfg.num_train_prompts,
+            "eval": self.cfg.num_eval_prompts,
+        }[split]
+
+    def sft_examples(self, split: str = "sft") -> list[SFTExample]:
+        rng = random.Random(split_seed(self.cfg.seed, split + ":demo"))
+        return [SFTExample(r["prompt"], self.demonstrate(r, rng)) for r in self.prompts(split)]
+
+    def preference_examples(self, split: str = "pref") -> list[PreferenceExample]:
+        """Two demonstrations per prompt labelled by a noisy Bradley-Terry annotator."""
+        rng = random.Random(split_seed(self.cfg.seed, split + ":labels"))
+        out = []
+        for row in self.prompts(split):
+            a = self.demonstrate(row, rng)
+            b = self.demonstrate(row, rng)
+            for _ in range(4):  # prefer distinct responses
+                if b != a:
+                    break
+                b = self.demonstrate(row, rng)
+            ga, gb = self.gold_reward([row["prompt"]] * 2, [a, b])
+            p_a = 1.0 / (1.0 + math.exp(-self.cfg.bt_beta * (ga - gb)))
+            a_wins = rng.random() < p_a
+            if rng.random() < self.cfg.label_noise:
+                a_wins = not a_wins
+            chosen, rejected = (a, b) if a_wins else (b, a)
+            out.append(PreferenceExample(row["prompt"], chosen, rejected))
+        return out
+
+
+def build_task(cfg) -> Task:
+    import pipeline.tasks  # noqa: F401  (registers the built-in tasks)
+
+    return TASKS.get(cfg.name, key="task.name")(cfg)

@@ -1,0 +1,68 @@
+"""Lightning Trainer factory shared by every training stage."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+
+from pipeline.stages.base import MetricsHook, plain
+from pipeline.tracking import build_loggers
+
+
+class MetricsHookCallback(Callback):
+    """Forwards logged metrics to the runner's hook (the tuner prunes trials from it)."""
+
+    def __init__(self, stage: str, hook: MetricsHook, every_n_steps: int = 10):
+        self.stage, self.hook, self.every = stage, hook, max(1, every_n_steps)
+
+    def _metrics(self, trainer) -> dict:
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.is_global_zero and trainer.global_step % self.every == 0:
+            self.hook(self.stage, trainer.global_step, self._metrics(trainer))
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.is_global_zero and not trainer.sanity_checking:
+            self.hook(self.stage, trainer.global_step, self._metrics(trainer))
+
+
+def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_steps: int = -1,
+                  accumulate_grad_batches: int = 1, hook: MetricsHook | None = None, checkpoint: bool = False,
+                  callbacks: list[Callback] | None = None, gradient_clip: bool = True, **kwargs) -> L.Trainer:
+    tcfg = cfg.trainer
+    if tcfg.num_threads:
+        torch.set_num_threads(int(tcfg.num_threads))
+    cbs: list[Callback] = list(callbacks or [])
+    show_bar = bool(tcfg.enable_progress_bar) and sys.stderr.isatty()
+    if show_bar:
+        cbs.append(RichProgressBar(leave=False))
+    if hook is not None:
+        cbs.append(MetricsHookCallback(stage, hook, tcfg.log_every_n_steps))
+    if checkpoint:
+        cbs.append(ModelCheckpoint(dirpath=str(work_dir / "checkpoints"), save_last=True, save_top_k=0))
+    loggers = build_loggers(cfg.logger, save_dir=work_dir, stage=stage, run_name=str(cfg.run_name),
+                            group=Path(str(cfg.paths.output_dir)).name, config=plain(cfg))
+    return L.Trainer(
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        strategy=tcfg.strategy,
+        num_nodes=tcfg.num_nodes,
+        precision=tcfg.precision,
+        gradient_clip_val=tcfg.gradient_clip_val if gradient_clip else None,
+        log_every_n_steps=tcfg.log_every_n_steps,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate_grad_batches,
+        deterministic=tcfg.deterministic,
+        logger=loggers,
+        callbacks=cbs,
+        enable_progress_bar=show_bar,
+        enable_checkpointing=checkpoint,
+        enable_model_summary=False,
+        default_root_dir=str(work_dir),
+        **kwargs,
+    )

@@ -1,0 +1,67 @@
+"""Shared fixtures: compose configs with Hydra's compose API (as the tuner does)."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: small but real: learning is still visible, each stage takes seconds
+TINY = [
+    "task.num_train_prompts=600",
+    "task.num_pref_prompts=600",
+    "task.num_eval_prompts=24",
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "model.n_head=2",
+    "sft.max_epochs=3",
+    "eval.num_samples=2",
+    "trainer.enable_progress_bar=false",
+    "print_summary=false",
+]
+
+
+def compose(overrides: list[str], root: Path, run: str = "run"):
+    """Compose the pipeline config like ``python -m pipeline`` would, rooted at ``root``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline.config.schema import register_configs
+    from pipeline.run import CONF_DIR
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(
+            "config",
+            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/outputs/runs/{run}"] + list(overrides),
+        )
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def _make(overrides=(), run="run", root=None):
+        return compose(list(overrides), Path(root or tmp_path), run)
+
+    return _make
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -m pipeline ARGS`` in ``cwd`` (artifacts under cwd/outputs)."""
+    full_env = dict(os.environ)
+    full_env.update({"PIPELINE_ROOT": str(cwd), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env, capture_output=True,
+                          text=True, timeout=timeout)
