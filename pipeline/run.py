@@ -73,6 +73,7 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
     from pipeline.artifacts import ArtifactStore, versions
     from pipeline.stages import STAGES
 
+    _setup_env()
     _validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,18 @@ def report_error(err: PipelineError) -> None:
 def _setup_env() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
     for noisy in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
                   "lightning.pytorch.accelerators.cuda"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -154,7 +167,6 @@ def main() -> None:
 
     from pipeline.config.schema import register_configs
 
-    _setup_env()
     register_configs()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")

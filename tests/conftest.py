@@ -18,13 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: small but real: learning is still visible, each stage takes seconds
 TINY = [
-    "task.num_train_prompts=600",
-    "task.num_pref_prompts=600",
-    "task.num_eval_prompts=24",
-    "model.n_layer=2",
-    "model.n_embd=64",
-    "model.n_head=2",
-    "sft.max_epochs=3",
+    "task.num_train_prompts=1000",
+    "task.num_eval_prompts=32",
+    "sft.batch_size=16",
+    "sft.max_epochs=4",
     "eval.num_samples=2",
     "trainer.enable_progress_bar=false",
     "print_summary=false",

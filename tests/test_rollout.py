@@ -238,6 +238,10 @@ def test_groups_n_samples(setup):
     both = batch.select(batch.group_index == 0)
     assert len(both) == 3
     assert batch.to("cpu").response_ids.device.type == "cpu"
+    assert batch.num_groups == len(PROMPTS)
+    short = batch.select([2, 5]).trim()  # drops all-padding prompt columns and unused response columns
+    assert short.prompt_mask.any(dim=0).all() and short.response_mask.any(dim=0).all()
+    assert short.response_lengths.tolist() == batch.response_lengths[[2, 5]].tolist()
 
 
 def test_eos_stops_and_masks(setup):
@@ -348,3 +352,16 @@ def test_dropping_finished_rows_changes_nothing(setup):
     assert torch.equal(compacted.response_ids, full.response_ids)
     assert torch.equal(compacted.response_mask, full.response_mask)
     assert torch.allclose(compacted.logprobs, full.logprobs, atol=1e-5, rtol=0)
+
+
+def test_inverse_cdf_sampler_distribution():
+    from pipeline.rollout.engine import _sample
+
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])
+    draws = _sample(probs.expand(20000, -1).contiguous(), gen(0))
+    freq = torch.bincount(draws, minlength=6).float() / draws.numel()
+    assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens are never drawn
+    assert torch.allclose(freq, probs, atol=0.015)
+    # unnormalised rows work too (filtered distributions are renormalised implicitly)
+    draws = _sample((probs * 3).expand(5000, -1).contiguous(), gen(1))
+    assert set(draws.tolist()) <= {1, 3, 4}

@@ -24,7 +24,7 @@ def bootstrap_weights(index: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 class RewardModule(L.LightningModule):
     def __init__(self, ensemble, optim_cfg, *, center_coef: float = 0.0, use_margin: bool = True, seed: int = 0):
         super().__init__()
-        self.ensemble = ensemble
+        self.ensemble = ensemble.train()
         self.optim_cfg = optim_cfg
         self.center_coef = center_coef
         self.use_margin = use_margin

@@ -10,7 +10,7 @@ from pipeline.modules.common import check_finite, configure_adamw
 class SFTModule(L.LightningModule):
     def __init__(self, model, optim_cfg):
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode
         self.optim_cfg = optim_cfg
 
     def forward(self, batch):

@@ -34,6 +34,7 @@ greedy baseline with ``SamplingParams(do_sample=False)``.
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, Sequence, runtime_checkable
 
@@ -256,18 +257,24 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
 
 
+_FORWARD_KWARGS: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
+
+
 def _forward_kwargs(model: Any) -> set[str]:
-    cache = getattr(model, "_rollout_forward_kwargs", None)
-    if cache is None:
-        try:
-            cache = set(inspect.signature(model.forward).parameters)
-        except (TypeError, ValueError):
-            cache = set()
-        try:
-            object.__setattr__(model, "_rollout_forward_kwargs", cache)
-        except Exception:
-            pass
-    return cache
+    """Names of ``model.forward``'s parameters (cached per model)."""
+    try:
+        return _FORWARD_KWARGS[model]
+    except (KeyError, TypeError):
+        pass
+    try:
+        names = set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = set()
+    try:
+        _FORWARD_KWARGS[model] = names
+    except TypeError:
+        pass
+    return names
 
 
 def _model_device(model: Any) -> torch.device:
@@ -346,6 +353,21 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
         remove = remove.scatter(-1, sorted_idx, remove)
         logits = logits.masked_fill(remove, float("-inf"))
     return logits
+
+
+def _sample(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One draw per row of ``probs [B, V]`` by inverse-CDF sampling.
+
+    Much cheaper than ``torch.multinomial`` on CPU (one uniform per row instead
+    of one random number per vocabulary entry), deterministic under
+    ``generator``. With ``x = (1 - u) * total`` in ``(0, total]`` the first index
+    whose CDF reaches ``x`` always has non-zero probability.
+    """
+    cdf = probs.cumsum(dim=-1)
+    rng_device = generator.device if generator is not None else probs.device
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=rng_device, dtype=cdf.dtype).to(probs.device)
+    x = (1.0 - u) * cdf[:, -1:]
+    return torch.searchsorted(cdf, x).clamp_max_(probs.shape[-1] - 1).squeeze(1)
 
 
 # --------------------------------------------------------------------------- #
@@ -447,8 +469,9 @@ class HFRolloutEngine:
     ) -> RolloutBatch:
         """Sample ``params.n`` completions of each prompt (rows ``[i*n, (i+1)*n)`` for prompt i).
 
-        ``generator``: a ``torch.Generator`` on the model's device (same seed →
-        same tokens). ``mixture_model``/``mixture_alpha``: sample tokens from
+        ``generator``: a ``torch.Generator`` (same seed → same tokens; it may
+        live on the CPU while the model is on a GPU: one uniform per row and
+        step is drawn from it). ``mixture_model``/``mixture_alpha``: sample tokens from
         ``softmax(((1-α)·logits_π + α·logits_mix) / T)``, both models decoding
         with their own KV caches (Nash-MD); ``logprobs`` are still the policy's.
         """
@@ -634,8 +657,7 @@ class HFRolloutEngine:
                 if stop_ids is not None and t < params.min_new_tokens:
                     sample_logits = sample_logits.index_fill(-1, stop_ids, float("-inf"))
                 sample_logits = _filter_logits(sample_logits, params.top_k, params.top_p)
-                probs = torch.softmax(sample_logits, dim=-1)
-                tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                tok = _sample(torch.softmax(sample_logits, dim=-1), generator)
             else:
                 if stop_ids is not None and t < params.min_new_tokens:
                     sample_logits = sample_logits.index_fill(-1, stop_ids, float("-inf"))

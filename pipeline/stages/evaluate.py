@@ -85,8 +85,11 @@ class EvaluateStage(Stage):
                 ref_model, _ = policy_from_artifact(self.inputs["reference"])
                 ref_model.eval()
             prompts = [r["prompt"] for r in task.prompts("eval")]
-            for name, art in zip(names, policies):
-                model, tokenizer = policy_from_artifact(art)
+            candidates = [(n, lambda a=a: policy_from_artifact(a)) for n, a in zip(names, policies)]
+            if ecfg.include_base:
+                candidates.insert(0, ("base", lambda: self._base_policy(task)))
+            for name, load in candidates:
+                model, tokenizer = load()
                 m, ex = self._eval_policy(name, model.eval(), tokenizer, prompts, task, scorer, ref_model)
                 metrics.update(m)
                 examples += ex
@@ -98,6 +101,15 @@ class EvaluateStage(Stage):
                 fh.write(json.dumps(row) + "\n")
         self.record["examples"] = [e for e in examples if e["index"] < ecfg.num_examples]
         return metrics
+
+    def _base_policy(self, task):
+        """The SFT stage's starting point (same seed, same tokenizer recipe)."""
+        import lightning as L
+
+        from pipeline.models.policy import base_policy
+
+        L.seed_everything(self.cfg.seed, verbose=False)
+        return base_policy(self.cfg.model, task.corpus)
 
     def _eval_policy(self, name, model, tokenizer, prompts, task, scorer, ref_model):
         ecfg = self.cfg.eval

@@ -8,6 +8,7 @@ Gold reward (hidden from the policy and the reward model)::
     gold = 2 * tanh(S / 2)          S = sum of weights of *distinct* sentiment words
          + 0.5 [topic mentioned] + 0.3 [ends with "."]
          - 0.4 * (repeated sentiment words) - 0.1 * max(0, words - 14)
+         - 0.1 * (words outside the task vocabulary, at most 1)
 
 The demonstration policy mixes positive and negative words (``task.demo_quality``
 sets the share of positive ones), so SFT leaves headroom. A proxy reward model trained
@@ -45,6 +46,8 @@ NEGATIVE = {
 NEUTRAL = ["ok", "plain", "normal", "usual", "fine"]
 LEXICON = {**POSITIVE, **NEGATIVE}
 INTENSIFIERS = ["", "", "very ", "quite ", "really "]
+CONNECTIVES = ["the", "was", "and", "but", "it", "very", "quite", "really", "."]
+VOCABULARY = frozenset(TOPICS + ASPECTS + list(LEXICON) + NEUTRAL + CONNECTIVES)
 _PROMPT_RE = re.compile(r"review of the (\w+)")
 
 
@@ -74,8 +77,8 @@ class LexiconTask(Task):
 
     def demonstrate(self, row: dict, rng: random.Random) -> str:
         topic = row.get("topic") or _topic(row["prompt"]) or "thing"
-        subject = topic if rng.random() < self.p_topic else "it"
-        clauses = [f"the {subject} was {rng.choice(INTENSIFIERS)}{self._adjective(rng)}"]
+        subject = f"the {topic}" if rng.random() < self.p_topic else "it"
+        clauses = [f"{subject} was {rng.choice(INTENSIFIERS)}{self._adjective(rng)}"]
         for _ in range(rng.choice([0, 1, 1, 2])):
             joiner = rng.choice(["and", "but"])
             clauses.append(f"{joiner} the {rng.choice(ASPECTS)} was {self._adjective(rng)}")
@@ -103,6 +106,7 @@ class LexiconTask(Task):
         if words and words[-1] == ".":
             gold += 0.3
         gold -= self.repeat_penalty * repeats
+        gold -= min(1.0, 0.1 * sum(1 for w in words if w not in VOCABULARY))  # gibberish
         gold -= 0.1 * max(0, len(words) - self.max_words)
         return float(gold)
 
