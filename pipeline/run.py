@@ -37,7 +37,7 @@ def _validate(cfg: DictConfig) -> None:
     seen: set[str] = set()
     for i, spec in enumerate(stages):
         where = f"pipeline.stages[{i}]"
-        STAGES.get(spec.kind, key=f"{where}.kind")
+        stage_cls = STAGES.get(spec.kind, key=f"{where}.kind")
         if spec.name in seen:
             raise ConfigError(f"duplicate stage name {spec.name!r}", where=f"{where}.name")
         for role, ref in spec.inputs.items():
@@ -47,6 +47,7 @@ def _validate(cfg: DictConfig) -> None:
                         f"input {role}={name!r} does not name an earlier stage (earlier: {sorted(seen) or 'none'})",
                         where=f"{where}.inputs.{role}", fix="list upstream stages before the stages that use them")
         seen.add(spec.name)
+        stage_cls.validate(cfg, spec)
 
 
 def _resolve_inputs(spec, done: dict[str, Any]) -> tuple[dict, dict]:

@@ -12,6 +12,8 @@ HEADLINE = {
     "sft": ["val/loss", "val/loss_init", "train/steps"],
     "reward": ["val/accuracy", "val/loss", "train/pairs"],
     "evaluate": ["eval/rm_accuracy"],
+    "policy": ["rollout/reward_mean", "rollout/gold_reward", "policy/kl", "eval/gold_reward", "eval/proxy_reward",
+               "eval/kl", "train/steps"],
 }
 POLICY_COLUMNS = ["gold_reward", "proxy_reward", "kl", "response_length", "eos_rate"]
 _POLICY_KEY = re.compile(r"^eval/([^/]+)/(\w+)$")
@@ -31,8 +33,6 @@ def print_summary(results: dict, run_info: dict, run_dir: Path, console: Console
         metrics = st["metrics"]
         keys = HEADLINE.get(st["kind"], [])
         keys = keys + [k for k in metrics if k.startswith("eval/rm_accuracy/")]
-        if st["kind"] not in HEADLINE:  # e.g. policy optimisation: its train/ and policy/ metrics
-            keys = [k for k in metrics if k.split("/")[0] in ("train", "policy", "rollout")][:6]
         shown = "  ".join(f"{k}={_fmt(metrics[k])}" for k in keys if k in metrics)
         info = run_info["stages"][name]
         table.add_row(name, st["kind"], "yes" if info["reused"] else "no", f"{info['seconds']:.1f}", shown)
@@ -47,7 +47,8 @@ def print_summary(results: dict, run_info: dict, run_dir: Path, console: Console
         cols = [c for c in POLICY_COLUMNS if any(c in p for p in policies.values())]
         for c in cols:
             pt.add_column(c, justify="right")
-        for name, vals in policies.items():
+        order = ["base"] + list(results["stages"])
+        for name, vals in sorted(policies.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             pt.add_row(name, *[_fmt(vals.get(c, float("nan"))) for c in cols])
         console.print(pt)
     console.print(f"outputs: {run_dir}")

@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
-from pipeline.stages.base import MetricsHook, plain
 from pipeline.tracking import build_loggers
+
+if TYPE_CHECKING:
+    from pipeline.stages.base import MetricsHook
+# pipeline.stages is imported lazily: ddp_spawn workers unpickle the callbacks below first,
+# and importing pipeline.stages (every stage module) from here would be circular.
 
 
 class MetricsHookCallback(Callback):
@@ -22,17 +27,55 @@ class MetricsHookCallback(Callback):
         return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.is_global_zero and trainer.global_step % self.every == 0:
-            self.hook(self.stage, trainer.global_step, self._metrics(trainer))
+        # online RL counts rollout steps; Lightning's global_step counts optimizer steps
+        step = getattr(pl_module, "rollout_step", trainer.global_step)
+        if trainer.is_global_zero and step % self.every == 0:
+            self.hook(self.stage, step, self._metrics(trainer))
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.is_global_zero and not trainer.sanity_checking:
             self.hook(self.stage, trainer.global_step, self._metrics(trainer))
 
 
+class RecordSteps(Callback):
+    """Puts the optimizer step count into ``callback_metrics`` (``train/steps``) when fit ends.
+
+    With ``strategy=ddp_spawn`` training runs in worker processes: the driver's trainer
+    gets back the weights and ``callback_metrics`` but keeps ``global_step == 0``.
+    """
+
+    def on_train_end(self, trainer, pl_module):
+        trainer.callback_metrics["train/steps"] = torch.tensor(float(trainer.global_step))
+
+
+class FinishWandb(Callback):
+    """Finishes the W&B run when fit ends, so each training stage gets its own run.
+
+    Lightning's ``WandbLogger`` silently reuses a run that is still active, so without
+    this the reward stage would log into the SFT stage's run (inside the SFT artifact,
+    after that directory was published).
+    """
+
+    def teardown(self, trainer, pl_module, stage):
+        from lightning.pytorch.loggers import WandbLogger
+
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
+                lg.experiment.finish()
+                lg._experiment = None
+
+
+def trained_steps(trainer) -> int:
+    """Optimizer steps of the last fit (also under ddp_spawn, with :class:`RecordSteps`)."""
+    v = trainer.callback_metrics.get("train/steps")
+    return int(v) if v is not None else int(trainer.global_step)
+
+
 def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_steps: int = -1,
                   accumulate_grad_batches: int = 1, hook: MetricsHook | None = None, checkpoint: bool = False,
                   callbacks: list[Callback] | None = None, gradient_clip: bool = True, **kwargs) -> L.Trainer:
+    from pipeline.stages.base import plain
+
     tcfg = cfg.trainer
     if tcfg.num_threads:
         torch.set_num_threads(int(tcfg.num_threads))
@@ -44,6 +87,7 @@ def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_
         cbs.append(MetricsHookCallback(stage, hook, tcfg.log_every_n_steps))
     if checkpoint:
         cbs.append(ModelCheckpoint(dirpath=str(work_dir / "checkpoints"), save_last=True, save_top_k=0))
+    cbs.append(FinishWandb())
     loggers = build_loggers(cfg.logger, save_dir=work_dir, stage=stage, run_name=str(cfg.run_name),
                             group=Path(str(cfg.paths.output_dir)).name, config=plain(cfg))
     return L.Trainer(

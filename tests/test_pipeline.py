@@ -24,7 +24,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(workdir):
-    cfg = compose(TINY + ["eval.include_base=true"], workdir, "first")
+    cfg = compose(TINY + ["pipeline=rm_eval", "eval.include_base=true"], workdir, "first")
     t0 = time.time()
     results = run_pipeline(cfg)
     return results, time.time() - t0, cfg
@@ -69,7 +69,7 @@ def test_run_writes_results_config_and_manifests(first_run):
 
 def test_rerun_reuses_every_stage_and_gives_identical_results(first_run, workdir):
     results, first_seconds, _ = first_run
-    cfg = compose(TINY + ["eval.include_base=true"], workdir, "second")
+    cfg = compose(TINY + ["pipeline=rm_eval", "eval.include_base=true"], workdir, "second")
     t0 = time.time()
     again = run_pipeline(cfg)
     elapsed = time.time() - t0
@@ -80,7 +80,7 @@ def test_rerun_reuses_every_stage_and_gives_identical_results(first_run, workdir
 
 
 def test_changing_an_eval_setting_reuses_sft_and_rm(first_run, workdir):
-    cfg = compose(TINY + ["eval.include_base=true", "eval.temperature=0.7"], workdir, "third")
+    cfg = compose(TINY + ["pipeline=rm_eval", "eval.include_base=true", "eval.temperature=0.7"], workdir, "third")
     res = run_pipeline(cfg)
     info = json.loads((Path(cfg.paths.output_dir) / "run.json").read_text())
     assert info["stages"]["sft"]["reused"] and info["stages"]["rm"]["reused"]
@@ -117,7 +117,7 @@ def test_label_noise_degrades_reward_model(workdir):
 
 def test_killed_during_reward_stage_resumes_with_identical_results(first_run, tmp_path):
     """SIGKILL while the RM trains; rerun completes and matches an uninterrupted run."""
-    args = TINY + ["eval.include_base=true", "reward.max_epochs=3"]
+    args = TINY + ["pipeline=rm_eval", "eval.include_base=true", "reward.max_epochs=3"]
     env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -166,6 +166,98 @@ class EvalConfig:
 
 
 @dataclass
+class AlgorithmConfig:
+    """Online policy optimisation: one config schema, presets in conf/algorithm/.
+
+    Batch sizes, in one place (per rank; DDP multiplies by the world size):
+
+    - ``policy.prompts_per_step`` = P prompts are sampled per rollout step;
+    - ``num_generations`` = G completions per prompt, so a rollout batch holds
+      B = P x G sequences (group estimators - grpo, dr_grpo, rloo, reinforce_pp_baseline -
+      compare the G completions of a prompt and need G >= 2);
+    - ``num_mini_batches`` = M: B must divide by M; each minibatch has B / M sequences;
+    - ``ppo_epochs`` = E passes over the rollout batch, so E x M optimizer steps per rollout step.
+    """
+
+    #: preset label (ppo, grpo, rloo, remax, reinforce_pp)
+    name: str = "ppo"
+    #: advantage estimator: gae | grpo | dr_grpo | rloo | remax | reinforce_pp | reinforce_pp_baseline
+    advantage_estimator: str = "gae"
+    #: policy loss: ppo_clip | vanilla_pg
+    policy_loss: str = "ppo_clip"
+    #: token-mean | seq-mean-token-sum | seq-mean-token-mean
+    loss_agg_mode: str = "token-mean"
+    #: completions per prompt (G)
+    num_generations: int = 1
+    #: passes over each rollout batch (E)
+    ppo_epochs: int = 4
+    #: minibatches per pass (M)
+    num_mini_batches: int = 1
+    #: KL coefficient (beta); initial value for the adaptive controller
+    kl_coef: float = 0.05
+    #: k1 | k2 | k3
+    kl_estimator: str = "k1"
+    #: where the KL goes: ``reward`` (token-level penalty, PPO/RLOO) or ``loss`` (GRPO)
+    kl_penalty: str = "reward"
+    #: fixed | adaptive (Ziegler et al.)
+    kl_controller: str = "fixed"
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    #: PPO ratio clip epsilon
+    cliprange: float = 0.2
+    #: value clip epsilon
+    cliprange_value: float = 0.2
+    #: value-loss weight
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    #: group normalisation divides by the group std (false = Dr. GRPO)
+    norm_adv_by_std: bool = True
+    #: whiten sequence scores over the batch before shaping
+    whiten_rewards: bool = False
+    #: clip sequence scores to [-x, x] (PPO-max); null = off
+    reward_clip: Optional[float] = None
+    #: subtracted from the score of responses that end without EOS (TRL semantics)
+    missing_eos_penalty: Optional[float] = None
+    #: rollout sampling (log-probs use the same temperature)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 24
+    #: critic initialisation for gae: ``reward`` (from the reward model, N+) or ``policy``
+    value_init: str = "reward"
+    #: learning rate of the critic (null = policy lr)
+    critic_lr: Optional[float] = None
+
+
+@dataclass
+class PolicyConfig:
+    """The online RL training loop (any algorithm)."""
+
+    #: reward_model (upstream reward stage) | gold (the task's hidden reward) | callable
+    reward_source: str = "reward_model"
+    #: ``module.path:function`` called as fn(prompts=, completions=, **dataset columns) -> list[float]
+    reward_fn: Optional[str] = None
+    #: ensemble aggregation for reward_model: mean | wco | uwo
+    reward_aggregation: str = "mean"
+    uwo_coef: float = 1.0
+    #: prompts per rollout step per rank (P)
+    prompts_per_step: int = 16
+    #: rollout steps
+    total_steps: int = 50
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, scheduler="constant_with_warmup",
+                                                                   warmup_ratio=0.0))
+    #: prompts: null path = the task's ``rl`` split; else a file with a ``prompt`` column
+    data: DataConfig = field(default_factory=DataConfig)
+    #: held-out evaluation (gold / proxy / KL) every N steps; 0 = off
+    eval_every: int = 10
+    eval_prompts: int = 64
+    #: example completions written to completions.jsonl (and a W&B table) every N steps
+    log_completions_every: int = 10
+    num_completions_logged: int = 8
+
+
+@dataclass
 class StageSpec:
     #: unique name of the stage in this pipeline (used as input reference)
     name: str = MISSING
@@ -229,6 +321,8 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     #: training seed (model init, data order, sampling); tasks have their own seed
     seed: int = 0
     #: recompute every stage even when a cached artifact matches

@@ -64,19 +64,51 @@ def _check_mode(on_long_prompt: str) -> None:
         raise ValueError(f"on_long_prompt must be one of {ON_LONG_PROMPT}, got {on_long_prompt!r}")
 
 
-def _long_prompts(prompt_ids, limit: int, budget: str, where: str, on_long_prompt: str) -> set[int]:
-    """Indices of prompts over ``limit`` tokens: DataError for the first, or dropped with a warning."""
+def _long_prompts(prompt_ids, limit: int, budget: str, where: str, on_long_prompt: str,
+                  sources: Sequence[str | None] | None = None) -> set[int]:
+    """Indices of prompts over ``limit`` tokens: DataError for the first, or dropped with a warning.
+
+    ``sources[i]`` (``file:LINE`` of a user's row) is named in the error when known.
+    """
     bad = [i for i, p in enumerate(prompt_ids) if len(p) > limit]
     if bad and on_long_prompt == "error":
         i = bad[0]
-        drop = " (or drop such rows: on_long_prompt=drop)" if budget.startswith("model.") else ""
-        raise DataError(f"example {i}: the prompt is {len(prompt_ids[i])} tokens, but {budget} leaves room for at "
-                        f"most {limit} prompt tokens ({len(bad)} of {len(prompt_ids)} prompts are too long)",
-                        where=where, fix=LONG_PROMPT_FIX + drop)
+        key = f"{where.split('.')[0]}.on_long_prompt" if where.startswith("sft.") else "on_long_prompt"
+        drop = f" (or drop such rows: {key}=drop)" if budget.startswith("model.") else ""
+        source = sources[i] if sources else None
+        raise DataError(f"{f'{where}: ' if source else f'example {i}: '}the prompt is {len(prompt_ids[i])} tokens, "
+                        f"but {budget} leaves room for at most {limit} prompt tokens "
+                        f"({len(bad)} of {len(prompt_ids)} prompts are too long)",
+                        where=source or where, fix=LONG_PROMPT_FIX + drop)
     if bad:
         log.warning("%s: dropped %d of %d examples whose prompt exceeds %d tokens (%s)",
                     where, len(bad), len(prompt_ids), limit, budget)
     return set(bad)
+
+
+# ----------------------------------------------------------------------------- shuffling
+def _rebuild_generator(state: bytes) -> "SeededGenerator":
+    g = SeededGenerator()
+    g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return g
+
+
+class SeededGenerator(torch.Generator):
+    """A CPU ``torch.Generator`` that pickles by value (its state as bytes).
+
+    DataLoaders are pickled into the worker processes of ``strategy=ddp_spawn``; a plain
+    Generator pickles its state as a temporary shared-memory tensor, which fails to
+    unpickle there ("unable to resize file ... Invalid argument"). Same random stream.
+    """
+
+    def __reduce__(self):
+        return (_rebuild_generator, (bytes(self.get_state().numpy()),))
+
+
+def seeded_generator(seed: int) -> SeededGenerator:
+    g = SeededGenerator()
+    g.manual_seed(int(seed))
+    return g
 
 
 # ----------------------------------------------------------------------------- SFT
@@ -87,7 +119,8 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_length: int, com
     enc = _Encoder(tokenizer, where)
     prompts = enc.prompts([e.prompt for e in examples])
     completions = enc.encode([e.completion for e in examples])
-    drop = _long_prompts(prompts, max_length - 1, f"model.max_length={max_length}", where, on_long_prompt)
+    drop = _long_prompts(prompts, max_length - 1, f"model.max_length={max_length}", where, on_long_prompt,
+                         [getattr(e, "where", None) for e in examples])
     rows = []
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if i in drop:
@@ -148,7 +181,8 @@ def tokenize_pairs(examples: Sequence[PreferenceExample], tokenizer, max_length:
     prompts = enc.prompts([e.prompt for e in examples])
     chosen = enc.encode([e.chosen for e in examples])
     rejected = enc.encode([e.rejected for e in examples])
-    drop = _long_prompts(prompts, max_length - 2, f"model.max_length={max_length}", where, on_long_prompt)
+    drop = _long_prompts(prompts, max_length - 2, f"model.max_length={max_length}", where, on_long_prompt,
+                         [getattr(e, "where", None) for e in examples])
 
     def seq(p: list[int], r: list[int]) -> list[int]:
         if r and r[-1] == enc.eos:

@@ -88,7 +88,7 @@ def load_sft_examples(cfg, tokenizer=None) -> list[SFTExample]:
     _, rows, shape = _load(cfg)
     chat = ChatRenderer(tokenizer)
     if shape == "preference":
-        return [SFTExample(p.prompt, p.chosen) for p in (_preference(r, chat, meta=False) for r in rows)]
+        return [SFTExample(p.prompt, p.chosen, where=p.where) for p in (_preference(r, chat, meta=False) for r in rows)]
     convert = {"language_modeling": _lm, "prompt_completion": _prompt_completion, "messages": _messages_sft}[shape]
     return [convert(r, chat) for r in rows]
 
@@ -249,17 +249,17 @@ class ChatRenderer:
 
 # ----------------------------------------------------------------------------- rows -> examples
 def _lm(row: Row, chat: ChatRenderer) -> SFTExample:
-    return SFTExample("", _text(row, "text"))
+    return SFTExample("", _text(row, "text"), where=row.where)
 
 
 def _prompt_completion(row: Row, chat: ChatRenderer) -> SFTExample:
     p, c = _get(row, "prompt"), _get(row, "completion")
     if _is_chat(p) and _is_chat(c):
-        return SFTExample(*chat.split(_chat(row, "prompt"), _chat(row, "completion"), row))
+        return SFTExample(*chat.split(_chat(row, "prompt"), _chat(row, "completion"), row), where=row.where)
     if _is_chat(p) or _is_chat(c):
         raise DataError("'prompt' and 'completion' must both be strings or both be message lists", where=row.where,
                         fix="use one representation per row")
-    return SFTExample(_text(row, "prompt"), _text(row, "completion"))
+    return SFTExample(_text(row, "prompt"), _text(row, "completion"), where=row.where)
 
 
 def _messages_sft(row: Row, chat: ChatRenderer) -> SFTExample:
@@ -267,7 +267,7 @@ def _messages_sft(row: Row, chat: ChatRenderer) -> SFTExample:
     if msgs[-1]["role"] != "assistant":
         raise DataError(f"the last message must be the assistant's (the completion), got role {msgs[-1]['role']!r}",
                         where=row.where, fix="end each conversation with an assistant message")
-    return SFTExample(*chat.split(msgs[:-1], msgs[-1:], row))
+    return SFTExample(*chat.split(msgs[:-1], msgs[-1:], row), where=row.where)
 
 
 def split_common_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -308,5 +308,6 @@ def _preference(row: Row, chat: ChatRenderer, meta: bool = True) -> PreferenceEx
         else:
             prompt_text, chosen_text, rejected_text = split_common_prefix(chosen_text, rejected_text)
     if not meta:
-        return PreferenceExample(prompt_text, chosen_text, rejected_text)
-    return PreferenceExample(prompt_text, chosen_text, rejected_text, margin=_margin(row), subset=_subset(row))
+        return PreferenceExample(prompt_text, chosen_text, rejected_text, where=row.where)
+    return PreferenceExample(prompt_text, chosen_text, rejected_text, margin=_margin(row), subset=_subset(row),
+                             where=row.where)

@@ -6,7 +6,7 @@ template applied, so ``prompt + completion`` is exactly the text the model sees.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -15,6 +15,8 @@ class SFTExample:
 
     prompt: str
     completion: str
+    #: where the row came from (``file:LINE``), for error messages; not part of equality
+    where: str | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -30,3 +32,5 @@ class PreferenceExample:
     rejected: str
     margin: float | None = None
     subset: str = "default"
+    #: where the row came from (``file:LINE``), for error messages; not part of equality
+    where: str | None = field(default=None, compare=False, repr=False)

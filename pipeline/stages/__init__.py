@@ -1,3 +1,3 @@
 """Stage kinds (registered on import)."""
 from pipeline.stages.base import STAGES, Stage  # noqa: F401
-from pipeline.stages import evaluate, reward, sft  # noqa: F401  (register)
+from pipeline.stages import evaluate, policy, reward, sft  # noqa: F401  (register)

@@ -49,6 +49,10 @@ class Stage:
         self.record: dict = {}
 
     @classmethod
+    def validate(cls, cfg: DictConfig, spec) -> None:
+        """Check this stage's settings before *any* stage runs (fail fast)."""
+
+    @classmethod
     def fingerprint_config(cls, cfg: DictConfig, spec) -> dict:
         out: dict = {"seed": cfg.seed}
         for key in cls.config_keys:

@@ -8,7 +8,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import load_preference_examples
+from pipeline.algorithms.reward_losses import bradley_terry_loss
+from pipeline.data import load_preference_examples, seeded_generator
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.loading import count_parameters, load_tokenizer, resolve_tokenizer
 from pipeline.models.reward import (
@@ -23,7 +24,7 @@ from pipeline.modules.reward import RewardModule
 from pipeline.stages.base import STAGES, Stage
 from pipeline.stages.sft import split_holdout, with_key
 from pipeline.tasks import build_task
-from pipeline.training import build_trainer
+from pipeline.training import RecordSteps, build_trainer, trained_steps
 
 INIT_CHOICES = ("sft", "model")
 
@@ -93,7 +94,7 @@ class RewardStage(Stage):
         if not train:
             raise DataError("no preference pairs to train on", where="reward.data")
         collate = PairCollator(tokenizer.pad_token_id)
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        gen = seeded_generator(self.cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
         train_loader = DataLoader(encode_preferences(train, tokenizer, max_length), batch_size=rcfg.batch_size,
                                   shuffle=True, collate_fn=collate, generator=gen)
         val_loader = (DataLoader(encode_preferences(val, tokenizer, max_length), batch_size=64, collate_fn=collate)
@@ -103,11 +104,13 @@ class RewardStage(Stage):
                               use_margin=rcfg.use_margin, seed=self.cfg.seed)
         trainer = build_trainer(self.cfg, stage=self.name, work_dir=work_dir, max_epochs=rcfg.max_epochs,
                                 max_steps=rcfg.max_steps, accumulate_grad_batches=rcfg.gradient_accumulation_steps,
-                                hook=self.hook, checkpoint=rcfg.checkpoint)
+                                hook=self.hook, checkpoint=rcfg.checkpoint, callbacks=[RecordSteps()])
         trainer.fit(module, train_loader, val_loader)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
         ensemble = module.ensemble.cpu().eval()
+        if val_loader is not None:  # also when max_steps ended training before any validation pass
+            metrics.update(heldout_pair_metrics(module, val_loader))
         scorer = RewardScorer(ensemble, tokenizer, [0.0] * len(members), max_length)
         offsets = [0.0] * len(members)
         if rcfg.normalize_to_sft and reference:
@@ -121,10 +124,26 @@ class RewardStage(Stage):
             names.append(name)
         meta = {"members": names, "offsets": offsets, "max_length": max_length}
         (work_dir / META).write_text(json.dumps(meta, indent=2))
-        metrics.update({"train/pairs": len(train), "val/pairs": len(val), "reward/offset_mean": sum(offsets) / len(offsets),
-                        "model/parameters": count_parameters(ensemble)})
+        metrics.update({"train/pairs": len(train), "train/steps": trained_steps(trainer), "val/pairs": len(val),
+                        "reward/offset_mean": sum(offsets) / len(offsets), "model/parameters": count_parameters(ensemble)})
         self.record["reward_model"] = {"ensemble_size": len(members), "init_from": rcfg.init_from}
         return metrics
+
+
+@torch.no_grad()
+def heldout_pair_metrics(module: RewardModule, loader) -> dict:
+    """``val/loss`` (Bradley-Terry, no margin) and ``val/accuracy`` of the ensemble mean on held-out pairs.
+
+    Computed on the final weights after fit, as SFT's ``val/loss`` is: Lightning validates
+    only at epoch ends, so a ``max_steps`` run stopped mid-epoch would report nothing.
+    """
+    chosen, rejected = [], []
+    for batch in loader:
+        r_c, r_r = module._scores(batch)
+        chosen.append(r_c.mean(0))
+        rejected.append(r_r.mean(0))
+    r_c, r_r = torch.cat(chosen), torch.cat(rejected)
+    return {"val/loss": float(bradley_terry_loss(r_c, r_r)), "val/accuracy": float((r_c > r_r).float().mean())}
 
 
 def _random_init_classifier(mcfg, tokenizer):

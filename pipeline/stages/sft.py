@@ -6,14 +6,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import SFTCollator, load_sft_examples, tokenize_sft
+from pipeline.data import SFTCollator, load_sft_examples, seeded_generator, tokenize_sft
 from pipeline.errors import DataError
 from pipeline.models.loading import count_parameters, resolve_tokenizer, save_pretrained
 from pipeline.models.policy import apply_lora, base_policy
 from pipeline.modules.sft import SFTModule, heldout_nll
 from pipeline.stages.base import STAGES, Stage, plain
 from pipeline.tasks import build_task
-from pipeline.training import build_trainer
+from pipeline.training import RecordSteps, build_trainer, trained_steps
 
 #: task fields that only affect preference / evaluation data
 TASK_FIELDS_NOT_USED_BY_SFT = ("num_pref_prompts", "num_eval_prompts", "bt_beta", "label_noise")
@@ -64,7 +64,7 @@ class SFTStage(Stage):
         if not train_rows:
             raise DataError("no training examples left after tokenization", where="sft.data")
         collate = SFTCollator(tokenizer.pad_token_id)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
         train_loader = DataLoader(train_rows, batch_size=scfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
         val_loader = DataLoader(val_rows, batch_size=64, collate_fn=collate) if val_rows else None
 
@@ -73,7 +73,7 @@ class SFTStage(Stage):
         module = SFTModule(model, scfg.optim)
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_epochs=scfg.max_epochs,
                                 max_steps=scfg.max_steps, accumulate_grad_batches=scfg.gradient_accumulation_steps,
-                                hook=self.hook, checkpoint=scfg.checkpoint)
+                                hook=self.hook, checkpoint=scfg.checkpoint, callbacks=[RecordSteps()])
         trainer.fit(module, train_loader, val_loader)
         trained = module.model
         if hasattr(trained, "merge_and_unload"):
@@ -85,7 +85,7 @@ class SFTStage(Stage):
             "val/loss": final_nll,
             "val/loss_init": init_nll,
             "train/examples": len(train_rows),
-            "train/steps": int(trainer.global_step),
+            "train/steps": trained_steps(trainer),
             "model/parameters": count_parameters(trained),
         })
         self.record["model"] = {"arch": trained.config.model_type, "parameters": count_parameters(trained)}

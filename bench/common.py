@@ -1,0 +1,279 @@
+"""Shared harness for the online-RL benchmarks (ours vs TRL): inputs, metrics, summaries.
+
+Both sides of the comparison must report the same numbers computed the same way, so
+the metric code lives here, stdlib only (it is imported from the project venv and from
+the TRL venvs, which do not install the project):
+
+- :class:`StepLog` - one record per optimizer/rollout step: wall time since the start
+  of training (model loading excluded), the mean *gold* reward of the completions
+  sampled that step, peak RSS so far;
+- :func:`time_to_target` - first wall time at which the running mean (``window``
+  steps) of the batch gold reward reaches the target;
+- :func:`summarize` - the JSON summary every benchmark prints: median s/step
+  (first, warm-up step excluded), time_to_target, peak_rss_mb, final gold.
+
+It is also a CLI, run in the *project* venv, that prepares the shared inputs:
+
+    PIPELINE_ROOT=/tmp/bench .venv/bin/python -m pipeline pipeline=default trainer.enable_progress_bar=false
+    .venv/bin/python bench/common.py export --artifacts /tmp/bench/outputs/artifacts --out /tmp/bench/inputs
+
+``export`` writes ``prompts.jsonl`` (the lexicon task's ``rl`` split: ``prompt`` and
+``topic`` columns), checks that ``bench/lexicon_gold.py`` scores exactly like
+``LexiconTask.gold_reward``, measures the SFT model's gold reward (the baseline the
+time-to-quality target is set above) and writes ``inputs.json`` with the SFT / RM
+directories, the baseline and a default target (baseline + ``--target-delta``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+HERE = Path(__file__).resolve().parent
+
+# ---------------------------------------------------------------------------------- metrics
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MiB). Linux reports KiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far (all threads)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def current_rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+@dataclass
+class StepLog:
+    """Per-step records of one benchmark run. Call :meth:`start` right before the first
+    step (after model loading) and :meth:`step` once per optimizer step."""
+
+    t0: float | None = None
+    rows: list[dict] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+        self._last = self.t0
+        self._cpu0 = self._cpu_last = cpu_seconds()
+
+    def step(self, gold: Sequence[float], **extra) -> dict:
+        now, cpu = time.perf_counter(), cpu_seconds()
+        if self.t0 is None:
+            raise RuntimeError("StepLog.start() was not called")
+        gold = [float(g) for g in gold]
+        row = {
+            "step": len(self.rows) + 1,
+            "wall_s": now - self.t0,
+            "step_s": now - self._last,
+            # CPU seconds of this process in the step: less sensitive than wall time to
+            # other jobs on a shared machine (but >= wall x threads when it has the cores)
+            "cpu_s": cpu - self._cpu_last,
+            "gold_mean": statistics.fmean(gold) if gold else float("nan"),
+            "n_samples": len(gold),
+            "peak_rss_mb": peak_rss_mb(),
+            "rss_mb": current_rss_mb(),
+            **extra,
+        }
+        self._last, self._cpu_last = now, cpu
+        self.rows.append(row)
+        return row
+
+
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1): i + 1]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def time_to_target(rows: Sequence[dict], target: float, window: int = 3) -> tuple[float | None, int | None]:
+    """(wall seconds, step) at which the ``window``-step running mean of the batch gold
+    reward first reaches ``target``; (None, None) if it never does. The first
+    ``window - 1`` steps use a shorter window only once ``window`` steps exist, so a
+    single lucky first batch does not count."""
+    means = running_mean([r["gold_mean"] for r in rows], window)
+    for i, m in enumerate(means):
+        if i + 1 >= window and m >= target:
+            return rows[i]["wall_s"], rows[i]["step"]
+    return None, None
+
+
+def summarize(rows: Sequence[dict], *, target: float | None, window: int = 3, **meta) -> dict:
+    step_s = [r["step_s"] for r in rows[1:]] or [r["step_s"] for r in rows]
+    cpu_s = [r["cpu_s"] for r in rows[1:] if "cpu_s" in r] or [r["cpu_s"] for r in rows if "cpu_s" in r]
+    tt, ts = time_to_target(rows, target, window) if target is not None else (None, None)
+    last = rows[-window:] if rows else []
+    return {
+        **meta,
+        "steps": len(rows),
+        "s_per_step_median": statistics.median(step_s) if step_s else None,
+        "s_per_step_mean": statistics.fmean(step_s) if step_s else None,
+        "cpu_s_per_step_median": statistics.median(cpu_s) if cpu_s else None,
+        "first_step_s": rows[0]["step_s"] if rows else None,
+        "total_train_s": rows[-1]["wall_s"] if rows else None,
+        "target_gold": target,
+        "target_window": window,
+        "time_to_target_s": tt,
+        "step_to_target": ts,
+        "gold_first": rows[0]["gold_mean"] if rows else None,
+        "gold_final": statistics.fmean(r["gold_mean"] for r in last) if last else None,
+        "gold_max_running": max(running_mean([r["gold_mean"] for r in rows], window)) if rows else None,
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in rows) if rows else peak_rss_mb(),
+    }
+
+
+def write_result(path: str | os.PathLike | None, summary: dict, rows: Sequence[dict], config: dict) -> None:
+    out = {"summary": summary, "config": config, "steps": list(rows)}
+    if path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(out, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+# ---------------------------------------------------------------------------- export inputs
+
+
+def _latest(artifacts: Path, prefix: str) -> Path:
+    cands = [p for p in artifacts.glob(f"{prefix}-*") if (p / "model").is_dir()]
+    if not cands:
+        raise SystemExit(f"no {prefix}-*/model under {artifacts}: run the default pipeline first")
+    return max(cands, key=lambda p: (p / "model").stat().st_mtime)
+
+
+def _check_gold_copy(task, prompts: list[str], completions: list[str]) -> None:
+    sys.path.insert(0, str(HERE))
+    import lexicon_gold
+
+    edge = [
+        " the pizza was great and the staff was rude .",
+        " the pizza was great great great great .",
+        " it was very good but the price was pricey",
+        " blah blah the was was was was was was was was was was was was was was .",
+        "",
+        " the movie was ok",
+    ]
+    ps = prompts + ["review of the pizza :"] * len(edge)
+    cs = completions + edge
+    a = task.gold_reward(ps, cs)
+    b = lexicon_gold.gold_reward(ps, cs, max_words=task.max_words, repeat_penalty=task.repeat_penalty)
+    bad = [(p, c, x, y) for p, c, x, y in zip(ps, cs, a, b) if abs(x - y) > 1e-9]
+    if bad:
+        raise SystemExit(f"bench/lexicon_gold.py disagrees with LexiconTask.gold_reward on {len(bad)} samples, "
+                         f"e.g. {bad[0]}")
+
+
+def export(args) -> None:
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config.schema import TaskConfig
+    from pipeline.tasks import build_task
+
+    artifacts = Path(args.artifacts)
+    sft = Path(args.sft) if args.sft else _latest(artifacts, "sft")
+    rm = Path(args.rm) if args.rm else _latest(artifacts, "reward")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    task_cfg = OmegaConf.structured(TaskConfig)
+    manifest = sft / "manifest.json"
+    if manifest.exists():  # the task settings the SFT model was trained with
+        task_cfg = OmegaConf.merge(task_cfg, json.loads(manifest.read_text())["config"]["task"])
+    if args.task_override:
+        task_cfg = OmegaConf.merge(task_cfg, OmegaConf.from_dotlist(args.task_override))
+    task = build_task(task_cfg)
+    if task.name != "lexicon":
+        raise SystemExit("the TRL baselines only ship a standalone gold reward for the lexicon task")
+    rows = task.prompts("rl", args.num_prompts)
+    with open(out / "prompts.jsonl", "w") as f:
+        for r in rows:
+            f.write(json.dumps({"prompt": r["prompt"], "topic": r["topic"]}) + "\n")
+
+    # SFT baseline: the same sampling as the RL rollouts (temperature 1, no top-k/p).
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(sft / "model")
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(sft / "model").eval()
+    eval_prompts = [r["prompt"] for r in rows[: args.baseline_prompts]]
+    prompts, completions = [], []
+    with torch.no_grad():
+        for i in range(0, len(eval_prompts), 64):
+            chunk = [p for p in eval_prompts[i:i + 64] for _ in range(args.baseline_samples)]
+            enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, do_sample=True, temperature=args.temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=args.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+            texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            prompts += chunk
+            completions += texts
+    _check_gold_copy(task, prompts, completions)
+    gold = task.gold_reward(prompts, completions)
+    mean = statistics.fmean(gold)
+    std = statistics.pstdev(gold)
+    info = {
+        "task": OmegaConf.to_container(task_cfg),
+        "sft_model_dir": str((sft / "model").resolve()),
+        "rm_dir": str((rm / "model" / "member_0").resolve()),
+        # our RewardScorer subtracts offsets[k] from member k (SFT demos score 0 on average)
+        "rm_offset": json.loads((rm / "reward_meta.json").read_text())["offsets"][0]
+        if (rm / "reward_meta.json").exists() else 0.0,
+        "prompts": str((out / "prompts.jsonl").resolve()),
+        "num_prompts": len(rows),
+        "sft_gold_mean": mean,
+        "sft_gold_std": std,
+        "sft_gold_samples": len(gold),
+        "sft_gold_sem": std / math.sqrt(len(gold)),
+        "target_delta": args.target_delta,
+        "target_gold": round(mean + args.target_delta, 3),
+        "sampling": {"temperature": args.temperature, "max_new_tokens": args.max_new_tokens, "top_k": 0, "top_p": 1.0},
+        "examples": [{"prompt": p, "completion": c, "gold": g} for p, c, g in list(zip(prompts, completions, gold))[:6]],
+    }
+    (out / "inputs.json").write_text(json.dumps(info, indent=1))
+    print(json.dumps({k: v for k, v in info.items() if k not in ("examples", "task")}, indent=1))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="prompts.jsonl + inputs.json (SFT/RM dirs, SFT gold baseline, target)")
+    ex.add_argument("--artifacts", default="/tmp/bench/outputs/artifacts")
+    ex.add_argument("--sft", help="sft-* artifact dir (default: newest under --artifacts)")
+    ex.add_argument("--rm", help="reward-* artifact dir (default: newest under --artifacts)")
+    ex.add_argument("--out", default="/tmp/bench/inputs")
+    ex.add_argument("--task-override", nargs="*", default=[], help="dotlist, e.g. seed=1234 demo_quality=0.3")
+    ex.add_argument("--num-prompts", type=int, default=None, help="default: the task's num_train_prompts")
+    ex.add_argument("--baseline-prompts", type=int, default=256)
+    ex.add_argument("--baseline-samples", type=int, default=4)
+    ex.add_argument("--max-new-tokens", type=int, default=24)
+    ex.add_argument("--temperature", type=float, default=1.0)
+    ex.add_argument("--target-delta", type=float, default=0.5,
+                    help="time-to-quality target = SFT gold mean + this")
+    ex.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.cmd == "export":
+        export(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Online RL as one LightningModule (manual optimisation), for every algorithm.
+
+Each ``training_step`` is one rollout step, readable top to bottom:
+
+1. sample G completions for each of the P prompts with the rollout engine;
+2. score them (reward model / gold / callable), apply EOS penalty, clipping, whitening;
+3. reference log-probs and the per-token KL estimate; KL-shaped token rewards
+   (``kl_penalty=reward``) or a KL loss term later (``kl_penalty=loss``);
+4. advantages from the registered estimator (gae needs the critic's values;
+   remax needs the greedy decode's score as baseline);
+5. ``ppo_epochs`` x ``num_mini_batches`` updates of the registered policy loss
+   (+ the clipped value loss for the critic).
+
+Algorithms differ only in the registry names and numbers of ``cfg.algorithm``.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import torch
+
+from pipeline.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    agg_loss,
+    apply_missing_eos_penalty,
+    build_kl_controller,
+    clip_rewards,
+    explained_variance,
+    masked_mean,
+    token_level_rewards,
+    value_loss,
+    whiten_rewards,
+)
+from pipeline.errors import TrainingError
+from pipeline.rollout.engine import HFRolloutEngine, RolloutBatch, SamplingParams, position_ids_from_mask, sequence_logprobs
+
+
+class OnlineRLModule(L.LightningModule):
+    def __init__(self, policy, tokenizer, scorer: Callable, acfg, pcfg, *, ref_policy=None, value_model=None,
+                 gold_fn: Callable | None = None, evaluate_fn: Callable | None = None, work_dir: Path | None = None,
+                 grad_clip: float | None = 1.0, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.policy = policy.train()
+        self.ref_policy = ref_policy.eval().requires_grad_(False) if ref_policy is not None else None
+        self.value_model = value_model.train() if value_model is not None else None
+        self.tokenizer = tokenizer
+        self.scorer, self.gold_fn, self.evaluate_fn = scorer, gold_fn, evaluate_fn
+        self.acfg, self.pcfg = acfg, pcfg
+        self.work_dir = Path(work_dir) if work_dir else None
+        self.grad_clip = grad_clip
+        self.seed = seed
+        self.engine = HFRolloutEngine(self.policy, tokenizer, add_special_tokens=False)
+        self.sampling = SamplingParams(max_new_tokens=acfg.max_new_tokens, temperature=acfg.temperature,
+                                       top_p=acfg.top_p, top_k=acfg.top_k, n=acfg.num_generations)
+        self.kl_ctl = build_kl_controller(acfg.kl_controller, acfg.kl_coef, acfg.kl_target, acfg.kl_horizon)
+        self.estimator = ADVANTAGE_ESTIMATORS.get(acfg.advantage_estimator, key="algorithm.advantage_estimator")
+        self.policy_loss = POLICY_LOSSES.get(acfg.policy_loss, key="algorithm.policy_loss")
+        self.kl_fn = KL_ESTIMATORS.get(acfg.kl_estimator, key="algorithm.kl_estimator")
+        self._generator: torch.Generator | None = None
+        self.last_metrics: dict = {}
+        #: rollout steps done (Lightning's global_step counts optimizer steps: E x M per rollout step)
+        self.rollout_step = 0
+
+    # ------------------------------------------------------------------ setup
+    def configure_optimizers(self):
+        from pipeline.modules.common import configure_adamw
+
+        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
+        if self.value_model is not None:
+            groups.append({"params": list(self.value_model.parameters()),
+                           "lr": self.acfg.critic_lr or self.pcfg.optim.lr})
+        return configure_adamw(self, groups, self.pcfg.optim)
+
+    def on_fit_start(self):
+        # each rank samples its own stream; same seed + rank -> same numbers
+        self._generator = torch.Generator(device=self.device).manual_seed(self.seed * 1009 + self.global_rank)
+        if self.evaluate_fn is not None and self.pcfg.eval_every > 0:
+            self._evaluate()
+
+    def on_fit_end(self):
+        if self.evaluate_fn is not None and self.pcfg.eval_every > 0 and self.rollout_step % self.pcfg.eval_every:
+            self._evaluate(step=self.rollout_step)
+
+    # --------------------------------------------------------------- the step
+    def training_step(self, rows: list[dict], batch_idx: int):
+        t0 = time.perf_counter()
+        prompts = [r["prompt"] for r in rows]
+        rollout = self.engine.generate(prompts, self.sampling, generator=self._generator).trim()
+        t_gen = time.perf_counter() - t0
+
+        rows_g = [rows[i] for i in rollout.group_index.tolist()]
+        scores, raw_scores, baseline = self._score(rollout, rows, rows_g)
+        t_score = time.perf_counter() - t0 - t_gen
+
+        mask = rollout.response_mask.float()
+        ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+        with torch.no_grad():
+            old_logp = rollout.logprobs
+            ref_logp = self._ref_logprobs(ids, attn, start)
+            kl = self.kl_fn(old_logp, ref_logp) * mask
+            shaping = kl if self.acfg.kl_penalty == "reward" else torch.zeros_like(kl)
+            token_rewards = token_level_rewards(scores, shaping, mask, self.kl_ctl.value)
+            old_values = self._values(ids, attn, start) if self.value_model is not None else None
+            adv, returns = self.estimator(
+                token_rewards=token_rewards, response_mask=mask, values=old_values,
+                group_index=rollout.group_index, baseline_scores=baseline, gamma=self.acfg.gamma,
+                lam=self.acfg.lam, norm_adv_by_std=self.acfg.norm_adv_by_std)
+
+        update_metrics = self._update(ids, attn, start, mask, old_logp, ref_logp, adv, returns, old_values)
+        t_update = time.perf_counter() - t0 - t_gen - t_score
+
+        seq_kl = (self.kl_fn(old_logp, ref_logp) * mask).sum(1) if self.acfg.kl_estimator != "k1" else kl.sum(1)
+        self.kl_ctl.update(float(seq_kl.mean()), len(rollout))
+        sch = self.lr_schedulers()
+        if sch is not None:
+            sch.step()
+
+        n_tokens = float(mask.sum())
+        step_time = time.perf_counter() - t0
+        metrics = {
+            "rollout/reward_mean": raw_scores.mean(), "rollout/reward_std": raw_scores.std() if len(raw_scores) > 1 else 0.0,
+            "rollout/response_length": rollout.response_lengths.float().mean(),
+            "rollout/eos_rate": rollout.has_eos.float().mean(),
+            "policy/kl": seq_kl.mean(), "policy/kl_coef": self.kl_ctl.value,
+            "perf/gen_time_s": t_gen, "perf/score_time_s": t_score, "perf/update_time_s": t_update,
+            "perf/step_time_s": step_time, "perf/tokens_per_s": n_tokens / max(step_time, 1e-9),
+            **update_metrics,
+        }
+        if self.gold_fn is not None:
+            metrics["rollout/gold_reward"] = self.gold_fn(rollout.prompts, rollout.completions).mean()
+        self.rollout_step += 1
+        self._log(metrics, len(rollout))
+        self._log_completions(rollout, raw_scores)
+        if self.evaluate_fn is not None and self.pcfg.eval_every > 0 and self.rollout_step % self.pcfg.eval_every == 0:
+            self._evaluate(step=self.rollout_step)
+
+    # ------------------------------------------------------------- pieces
+    def _score(self, rollout: RolloutBatch, rows, rows_g):
+        raw = self.scorer(rollout.prompts, rollout.completions, rows_g).to(self.device).float()
+        scores = apply_missing_eos_penalty(raw, rollout.has_eos, self.acfg.missing_eos_penalty)
+        scores = clip_rewards(scores, self.acfg.reward_clip)
+        if self.acfg.whiten_rewards:
+            scores = whiten_rewards(scores)
+        baseline = None
+        if self.acfg.advantage_estimator == "remax":  # greedy decode's reward is the baseline
+            greedy = self.engine.generate([r["prompt"] for r in rows], self.sampling.replace(do_sample=False, n=1))
+            b = self.scorer(greedy.prompts, greedy.completions, rows).to(self.device).float()
+            b = clip_rewards(apply_missing_eos_penalty(b, greedy.has_eos, self.acfg.missing_eos_penalty),
+                             self.acfg.reward_clip)
+            baseline = b[rollout.group_index]
+        return scores, raw, baseline
+
+    def _ref_logprobs(self, ids, attn, start):
+        if self.ref_policy is not None:
+            return sequence_logprobs(self.ref_policy, ids, attn, start, self.acfg.temperature)
+        with self.policy.disable_adapter():  # LoRA: reference = base model with adapters off
+            return sequence_logprobs(self.policy, ids, attn, start, self.acfg.temperature)
+
+    def _values(self, ids, attn, start):
+        values = self.value_model(ids, attn, position_ids=position_ids_from_mask(attn))
+        return values[:, start - 1: ids.shape[1] - 1]
+
+    def _update(self, ids, attn, start, mask, old_logp, ref_logp, adv, returns, old_values) -> dict:
+        acfg = self.acfg
+        opt = self.optimizers()
+        n = ids.shape[0]
+        n_mb = acfg.num_mini_batches
+        stats: dict[str, list[float]] = {}
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.rollout_step)
+        for _ in range(acfg.ppo_epochs):
+            perm = torch.randperm(n, generator=g).to(ids.device)
+            for mb in perm.chunk(n_mb):
+                logp, entropy = sequence_logprobs(self.policy, ids[mb], attn[mb], start, acfg.temperature,
+                                                  return_entropy=True)
+                loss, m = self.policy_loss(logp=logp, old_logp=old_logp[mb], advantages=adv[mb],
+                                           response_mask=mask[mb], cliprange=acfg.cliprange,
+                                           agg_mode=acfg.loss_agg_mode)
+                m = {f"policy/{k}": v for k, v in m.items()}
+                m["policy/pg_loss"] = loss.detach()
+                if acfg.kl_penalty == "loss":
+                    kl_loss = agg_loss(self.kl_fn(logp, ref_logp[mb]), mask[mb], acfg.loss_agg_mode)
+                    loss = loss + self.kl_ctl.value * kl_loss
+                    m["policy/kl_loss"] = kl_loss.detach()
+                if self.value_model is not None:
+                    values = self._values(ids[mb], attn[mb], start)
+                    vf_loss, vm = value_loss(values, old_values[mb], returns[mb], mask[mb], acfg.cliprange_value,
+                                             acfg.loss_agg_mode)
+                    loss = loss + acfg.vf_coef * vf_loss
+                    m.update({"value/loss": vf_loss.detach(), **{f"value/{k}": v for k, v in vm.items()}})
+                m["policy/entropy"] = masked_mean(entropy.detach(), mask[mb])
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {float(loss)} at rollout step {self.rollout_step}", where="policy",
+                                        fix="lower policy.optim.lr or algorithm.kl_coef, or set algorithm.reward_clip")
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if self.grad_clip:
+                    self.clip_gradients(opt, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+                opt.step()
+                m["train/loss"] = loss.detach()
+                for k, v in m.items():
+                    stats.setdefault(k, []).append(float(v))
+        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        if old_values is not None:
+            out["value/explained_var"] = float(explained_variance(old_values, returns, mask))
+        return out
+
+    # ------------------------------------------------------------- logging
+    def _log(self, metrics: dict, batch_size: int) -> None:
+        """Per-rollout-step metrics, averaged over ranks, logged at ``rollout_step``."""
+        t = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            t = self.trainer.strategy.reduce(t, reduce_op="mean")
+        metrics = dict(zip(metrics, t.tolist()))
+        metrics["train/rollout_step"] = float(self.rollout_step)
+        self.last_metrics = metrics
+        # callbacks (progress bar, the tuner's hook) read callback_metrics
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.rollout_step)
+
+    def _evaluate(self, step: int = 0) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        was_training = self.policy.training
+        m = self.evaluate_fn(self.policy)
+        self.policy.train(was_training)
+        m = {k: float(v) for k, v in m.items()}
+        if self.work_dir is not None:
+            with open(self.work_dir / "curve.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, **m}) + "\n")
+        for logger in self.loggers:
+            logger.log_metrics(m, step=step)
+
+    def _log_completions(self, rollout: RolloutBatch, scores: torch.Tensor) -> None:
+        every = self.pcfg.log_completions_every
+        if not every or (self.rollout_step - 1) % every or not self.trainer.is_global_zero or self.work_dir is None:
+            return
+        k = min(self.pcfg.num_completions_logged, len(rollout))
+        gold = self.gold_fn(rollout.prompts[:k], rollout.completions[:k]) if self.gold_fn else None
+        rows = [{"step": self.rollout_step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
+                 "reward": float(scores[i]), **({"gold_reward": float(gold[i])} if gold is not None else {})}
+                for i in range(k)]
+        with open(self.work_dir / "completions.jsonl", "a") as fh:
+            for r in rows:
+                fh.write(json.dumps(r) + "\n")
+        for logger in self.loggers:
+            if hasattr(logger, "log_table"):
+                cols = list(rows[0])
+                with contextlib.suppress(Exception):
+                    logger.log_table(key="completions", columns=cols, data=[[r[c] for c in cols] for r in rows])
