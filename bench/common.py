@@ -14,7 +14,7 @@ the TRL venvs, which do not install the project):
 
 It is also a CLI, run in the *project* venv, that prepares the shared inputs:
 
-    PIPELINE_ROOT=/tmp/bench .venv/bin/python -m pipeline pipeline=default trainer.enable_progress_bar=false
+    PIPELINE_ROOT=/tmp/bench .venv/bin/python -m pipeline pipeline=rm_eval trainer.enable_progress_bar=false
     .venv/bin/python bench/common.py export --artifacts /tmp/bench/outputs/artifacts --out /tmp/bench/inputs
 
 ``export`` writes ``prompts.jsonl`` (the lexicon task's ``rl`` split: ``prompt`` and
@@ -74,11 +74,12 @@ class StepLog:
         self._last = self.t0
         self._cpu0 = self._cpu_last = cpu_seconds()
 
-    def step(self, gold: Sequence[float], **extra) -> dict:
+    def step(self, gold: Sequence[float] | float, **extra) -> dict:
+        """``gold``: the gold rewards of the completions sampled this step (or their mean)."""
         now, cpu = time.perf_counter(), cpu_seconds()
         if self.t0 is None:
             raise RuntimeError("StepLog.start() was not called")
-        gold = [float(g) for g in gold]
+        gold = [float(gold)] if isinstance(gold, (int, float)) else [float(g) for g in gold]
         row = {
             "step": len(self.rows) + 1,
             "wall_s": now - self.t0,
@@ -117,12 +118,16 @@ def time_to_target(rows: Sequence[dict], target: float, window: int = 3) -> tupl
     return None, None
 
 
-def summarize(rows: Sequence[dict], *, target: float | None, window: int = 3, **meta) -> dict:
+def summarize(rows: Sequence[dict], *, target: float | None, window: int = 3,
+              rss_before_train_mb: float | None = None, **meta) -> dict:
+    """``rss_before_train_mb``: peak RSS right before the first step (libraries, models,
+    data loaded); the training delta is reported as ``peak_rss_train_delta_mb``, which
+    does not depend on how heavy each side's imports are."""
     step_s = [r["step_s"] for r in rows[1:]] or [r["step_s"] for r in rows]
     cpu_s = [r["cpu_s"] for r in rows[1:] if "cpu_s" in r] or [r["cpu_s"] for r in rows if "cpu_s" in r]
     tt, ts = time_to_target(rows, target, window) if target is not None else (None, None)
     last = rows[-window:] if rows else []
-    return {
+    out = {
         **meta,
         "steps": len(rows),
         "s_per_step_median": statistics.median(step_s) if step_s else None,
@@ -134,11 +139,18 @@ def summarize(rows: Sequence[dict], *, target: float | None, window: int = 3, **
         "target_window": window,
         "time_to_target_s": tt,
         "step_to_target": ts,
+        # contention-robust estimate: steps to target x median step time (wall spikes from
+        # other jobs on a shared machine hit time_to_target_s directly)
+        "time_to_target_est_s": ts * statistics.median(step_s) if ts and step_s else None,
         "gold_first": rows[0]["gold_mean"] if rows else None,
         "gold_final": statistics.fmean(r["gold_mean"] for r in last) if last else None,
         "gold_max_running": max(running_mean([r["gold_mean"] for r in rows], window)) if rows else None,
         "peak_rss_mb": max(r["peak_rss_mb"] for r in rows) if rows else peak_rss_mb(),
     }
+    out["peak_rss_before_train_mb"] = rss_before_train_mb
+    out["peak_rss_train_delta_mb"] = (out["peak_rss_mb"] - rss_before_train_mb
+                                      if rss_before_train_mb is not None else None)
+    return out
 
 
 def write_result(path: str | os.PathLike | None, summary: dict, rows: Sequence[dict], config: dict) -> None:
@@ -157,6 +169,22 @@ def _latest(artifacts: Path, prefix: str) -> Path:
     cands = [p for p in artifacts.glob(f"{prefix}-*") if (p / "model").is_dir()]
     if not cands:
         raise SystemExit(f"no {prefix}-*/model under {artifacts}: run the default pipeline first")
+    return max(cands, key=lambda p: (p / "model").stat().st_mtime)
+
+
+def _reward_for(artifacts: Path, sft: Path) -> Path:
+    """Newest reward-* artifact whose manifest names ``sft`` as its input policy."""
+    fp = json.loads((sft / "manifest.json").read_text()).get("fingerprint") if (sft / "manifest.json").exists() else None
+    cands = []
+    for p in artifacts.glob("reward-*"):
+        try:
+            man = json.loads((p / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if (p / "model").is_dir() and (fp is None or man.get("inputs", {}).get("policy", {}).get("fingerprint") == fp):
+            cands.append(p)
+    if not cands:
+        raise SystemExit(f"no reward-* artifact trained on {sft.name} under {artifacts}: pass --rm")
     return max(cands, key=lambda p: (p / "model").stat().st_mtime)
 
 
@@ -192,7 +220,7 @@ def export(args) -> None:
 
     artifacts = Path(args.artifacts)
     sft = Path(args.sft) if args.sft else _latest(artifacts, "sft")
-    rm = Path(args.rm) if args.rm else _latest(artifacts, "reward")
+    rm = Path(args.rm) if args.rm else _reward_for(artifacts, sft)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -253,13 +281,40 @@ def export(args) -> None:
     print(json.dumps({k: v for k, v in info.items() if k not in ("examples", "task")}, indent=1))
 
 
+TABLE_COLUMNS = [
+    ("side", "side", "s"), ("algo", "algo", "s"), ("reward", "reward", "s"), ("threads", "threads", "d"),
+    ("samples/step", "samples_per_step", "d"),
+    ("s/step (median)", "s_per_step_median", ".3f"), ("time to target (s)", "time_to_target_s", ".1f"),
+    ("step", "step_to_target", "d"), ("est. (s)", "time_to_target_est_s", ".1f"),
+    ("gold first", "gold_first", "+.3f"), ("gold final", "gold_final", "+.3f"),
+    ("peak RSS (MiB)", "peak_rss_mb", ".0f"), ("train delta (MiB)", "peak_rss_train_delta_mb", ".0f"),
+]
+
+
+def table(paths: Sequence[str]) -> str:
+    """Markdown table of result files (``{"summary": ...}`` as written by write_result)."""
+    lines = ["| " + " | ".join(h for h, _, _ in TABLE_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in TABLE_COLUMNS) + "|"]
+    target = set()
+    for p in paths:
+        s = dict(json.loads(Path(p).read_text())["summary"])
+        s.setdefault("samples_per_step", (s.get("prompts_per_step") or 0) * (s.get("num_generations") or 1))
+        target.add(s.get("target_gold"))
+        cells = []
+        for _, key, f in TABLE_COLUMNS:
+            v = s.get(key)
+            cells.append("-" if v is None else format(v, f) if f != "s" else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + f"\n\ntarget gold: {', '.join(map(str, sorted(t for t in target if t is not None)))}"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     ex = sub.add_parser("export", help="prompts.jsonl + inputs.json (SFT/RM dirs, SFT gold baseline, target)")
     ex.add_argument("--artifacts", default="/tmp/bench/outputs/artifacts")
     ex.add_argument("--sft", help="sft-* artifact dir (default: newest under --artifacts)")
-    ex.add_argument("--rm", help="reward-* artifact dir (default: newest under --artifacts)")
+    ex.add_argument("--rm", help="reward-* artifact dir (default: newest one trained on the SFT model)")
     ex.add_argument("--out", default="/tmp/bench/inputs")
     ex.add_argument("--task-override", nargs="*", default=[], help="dotlist, e.g. seed=1234 demo_quality=0.3")
     ex.add_argument("--num-prompts", type=int, default=None, help="default: the task's num_train_prompts")
@@ -270,9 +325,13 @@ def main(argv=None) -> None:
     ex.add_argument("--target-delta", type=float, default=0.5,
                     help="time-to-quality target = SFT gold mean + this")
     ex.add_argument("--seed", type=int, default=0)
+    tb = sub.add_parser("table", help="markdown table of result JSON files")
+    tb.add_argument("results", nargs="+")
     args = ap.parse_args(argv)
     if args.cmd == "export":
         export(args)
+    elif args.cmd == "table":
+        print(table(args.results))
 
 
 if __name__ == "__main__":

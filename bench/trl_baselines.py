@@ -340,8 +340,9 @@ def main(argv=None):
                   samples_per_step=args.batch * args.num_generations)
     summary = summarize(
         log.rows, target=args.target_gold, window=args.window,
-        side="trl", algo=args.algo, trl=versions["trl"], setup_s=setup_s,
-        peak_rss_mb_before_train=rss_before_train, sft_gold=args.sft_gold,
+        side="trl", algo=args.algo, reward=args.ppo_reward if args.algo == "ppo" else "gold",
+        trl=versions["trl"], threads=torch.get_num_threads(), setup_s=setup_s,
+        rss_before_train_mb=rss_before_train, sft_gold=args.sft_gold,
         prompts_per_step=args.batch, num_generations=args.num_generations,
         loadavg_1m_before=load_before, loadavg_1m_after=os.getloadavg()[0], cpu_count=os.cpu_count(),
     )

@@ -27,9 +27,26 @@ log = logging.getLogger("pipeline")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def _check_schema(cfg: DictConfig) -> None:
+    """Reject keys the schema does not know, even ones added with Hydra's ``+key=`` syntax."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.config.schema import Config
+
+    schema = OmegaConf.structured(Config)
+    OmegaConf.set_struct(schema, True)
+    try:
+        OmegaConf.merge(schema, OmegaConf.to_container(cfg, resolve=False))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "config"
+        raise ConfigError(f"{type(err).__name__}: {str(err).splitlines()[0]}", where=key,
+                          fix="check the key's spelling against `python -m pipeline --cfg job`") from None
+
+
 def _validate(cfg: DictConfig) -> None:
     from pipeline.stages import STAGES
 
+    _check_schema(cfg)
     stages = cfg.pipeline.stages
     if not stages:
         raise ConfigError("the pipeline has no stages", where="pipeline.stages",
@@ -94,7 +111,8 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
         fp = fingerprint(spec.kind, stage_config, input_fps)
         t0 = time.time()
         with store.lock(spec.kind, fp):
-            art = None if cfg.force else store.lookup(spec.kind, fp)
+            forced = cfg.force or spec.name in cfg.force_stages
+            art = None if forced else store.lookup(spec.kind, fp)
             reused = art is not None
             if reused:
                 log.info("stage %s (%s): reusing %s", spec.name, spec.kind, art.path)
@@ -140,7 +158,7 @@ def _link(link: Path, target: Path) -> None:
 def report_error(err: PipelineError) -> None:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(f"[bold red]error:[/bold red] {err.render()}")
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/bold red] {err.render()}")
 
 
 def _setup_env() -> None:

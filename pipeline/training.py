@@ -1,6 +1,7 @@
 """Lightning Trainer factory shared by every training stage."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -10,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
 from pipeline.tracking import build_loggers
+
+log = logging.getLogger("pipeline")
 
 if TYPE_CHECKING:
     from pipeline.stages.base import MetricsHook
@@ -56,13 +59,20 @@ class FinishWandb(Callback):
     after that directory was published).
     """
 
-    def teardown(self, trainer, pl_module, stage):
+    @staticmethod
+    def _finish(trainer, exit_code: int = 0) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
-                lg.experiment.finish()
+                lg._experiment.finish(exit_code=exit_code)
                 lg._experiment = None
+
+    def teardown(self, trainer, pl_module, stage):
+        self._finish(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):  # e.g. a pruned tuner trial: the next one starts afresh
+        self._finish(trainer, exit_code=1)
 
 
 def trained_steps(trainer) -> int:
@@ -83,7 +93,11 @@ def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_
     show_bar = bool(tcfg.enable_progress_bar) and sys.stderr.isatty()
     if show_bar:
         cbs.append(RichProgressBar(leave=False))
-    if hook is not None:
+    if hook is not None and "spawn" in str(tcfg.strategy):
+        # spawned workers would need to pickle the hook (often a closure); the driver
+        # still calls it with each stage's final metrics
+        log.warning("trainer.strategy=%s: intermediate metrics are not sent to the hook", tcfg.strategy)
+    elif hook is not None:
         cbs.append(MetricsHookCallback(stage, hook, tcfg.log_every_n_steps))
     if checkpoint:
         cbs.append(ModelCheckpoint(dirpath=str(work_dir / "checkpoints"), save_last=True, save_top_k=0))

@@ -23,6 +23,14 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("policy")
 
 
+#: same number of sampled completions per step (64) for every algorithm
+SAMPLES = {"remax": ["policy.prompts_per_step=64"], "reinforce_pp": ["policy.prompts_per_step=64"]}
+
+
+def algo_overrides(algo: str) -> list[str]:
+    return [f"algorithm={algo}", *SAMPLES.get(algo, [])]
+
+
 def run(workdir, overrides, name):
     cfg = compose(TINY + SHORT + list(overrides), workdir, name)
     return run_pipeline(cfg)
@@ -34,7 +42,7 @@ def gold(results, policy):
 
 @pytest.mark.parametrize("algo", ALGORITHMS)
 def test_algorithm_raises_gold_reward_above_sft(workdir, algo):
-    res = run(workdir, [f"algorithm={algo}"], algo)
+    res = run(workdir, algo_overrides(algo), algo)
     assert gold(res, "rl") > gold(res, "sft") + 0.2, res["stages"]["eval"]["metrics"]
     m = res["stages"]["rl"]["metrics"]
     for key in ("rollout/reward_mean", "rollout/response_length", "rollout/eos_rate", "policy/kl", "policy/entropy",
@@ -48,7 +56,7 @@ def test_algorithm_raises_gold_reward_above_sft(workdir, algo):
 @pytest.mark.parametrize("algo", ALGORITHMS)
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_algorithm_learns_over_seeds(workdir, algo, seed):
-    res = run(workdir, [f"algorithm={algo}", f"seed={seed}"], f"{algo}-{seed}")
+    res = run(workdir, algo_overrides(algo) + [f"seed={seed}"], f"{algo}-{seed}")
     assert gold(res, "rl") > gold(res, "sft") + 0.2
 
 

@@ -327,6 +327,8 @@ class Config:
     seed: int = 0
     #: recompute every stage even when a cached artifact matches
     force: bool = False
+    #: recompute only these stages (by name), e.g. [rl]
+    force_stages: List[str] = field(default_factory=list)
     #: label shown in logs / W&B run names
     run_name: str = "${pipeline.name}"
     #: print a summary table at the end

@@ -58,15 +58,18 @@ def prepare_tokenizer(tok: PreTrainedTokenizerBase, chat_template: str | None = 
     return tok
 
 
-def resolve_tokenizer(model_cfg, corpus_fn) -> PreTrainedTokenizerBase:
+def resolve_tokenizer(model_cfg, corpus_fn, key: str = "model") -> PreTrainedTokenizerBase:
     """The tokenizer for a model config: explicit ``tokenizer``, the pretrained model's,
-    or a BPE trained on ``corpus_fn()`` for built-in random-init models."""
+    or a BPE trained on ``corpus_fn()`` for built-in random-init models.
+
+    ``key`` is the config section of ``model_cfg`` (``reward.model``...), named in errors."""
     from pipeline.models.tokenizer import train_tokenizer
 
     if model_cfg.tokenizer:
-        tok = load_tokenizer(model_cfg.tokenizer, trust_remote_code=model_cfg.trust_remote_code)
+        tok = load_tokenizer(model_cfg.tokenizer, trust_remote_code=model_cfg.trust_remote_code, key=f"{key}.tokenizer")
     elif model_cfg.name_or_path:
-        tok = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code, key="model.name_or_path")
+        tok = load_tokenizer(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code,
+                             key=f"{key}.name_or_path")
     else:
         tok = train_tokenizer(corpus_fn(), vocab_size=model_cfg.vocab_size)
     return prepare_tokenizer(tok, model_cfg.chat_template)

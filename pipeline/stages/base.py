@@ -36,6 +36,8 @@ class Stage:
     kind: ClassVar[str] = "base"
     #: top-level config sections the output depends on (besides ``seed``)
     config_keys: ClassVar[tuple[str, ...]] = ()
+    #: ``task`` fields this stage never reads (changing them keeps its cache)
+    ignored_task_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig, spec, inputs: dict[str, Any], hook: MetricsHook | None = None,
                  run_dir: Path | None = None):
@@ -60,6 +62,9 @@ class Stage:
         if "trainer" in out:
             for k in _TRAINER_COSMETIC:
                 out["trainer"].pop(k, None)
+        if "task" in out:
+            for k in cls.ignored_task_fields:
+                out["task"].pop(k, None)
         return out
 
     def input(self, role: str) -> Artifact:

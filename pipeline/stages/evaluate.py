@@ -61,6 +61,7 @@ def rm_accuracy(scorer: RewardScorer, pairs: list[PreferenceExample]) -> dict:
 class EvaluateStage(Stage):
     kind = "evaluate"
     config_keys = ("task", "eval")
+    ignored_task_fields = ("num_train_prompts", "num_pref_prompts", "label_noise", "bt_beta")
 
     @classmethod
     def fingerprint_config(cls, cfg, spec) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.data import seeded_generator
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.loading import save_pretrained
 from pipeline.models.policy import apply_lora, policy_from_artifact
@@ -63,6 +64,7 @@ def _no_dropout(model):
 class PolicyStage(Stage):
     kind = "policy"
     config_keys = ("task", "algorithm", "policy", "trainer")
+    ignored_task_fields = ("num_pref_prompts", "label_noise", "bt_beta", "num_eval_prompts")
 
     @classmethod
     def validate(cls, cfg, spec) -> None:
@@ -81,8 +83,6 @@ class PolicyStage(Stage):
     @classmethod
     def fingerprint_config(cls, cfg, spec) -> dict:
         out = super().fingerprint_config(cfg, spec)
-        for k in ("num_pref_prompts", "label_noise", "bt_beta", "num_eval_prompts"):
-            out["task"].pop(k, None)
         out["lora"] = plain(cfg.model.lora)
         return out
 
@@ -119,7 +119,7 @@ class PolicyStage(Stage):
         if not pcfg.data.path:
             gold_fn = lambda prompts, completions: torch.tensor(task.gold_reward(list(prompts), list(completions)))
         rows = self._prompt_rows(task)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loader to workers
         loader = DataLoader(rows, batch_size=pcfg.prompts_per_step, shuffle=True, drop_last=len(rows) >= pcfg.prompts_per_step,
                             collate_fn=list, generator=gen)
         module = OnlineRLModule(policy, tokenizer, scorer, acfg, pcfg, ref_policy=ref_policy, value_model=value_model,

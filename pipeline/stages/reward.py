@@ -33,15 +33,13 @@ INIT_CHOICES = ("sft", "model")
 class RewardStage(Stage):
     kind = "reward"
     config_keys = ("task", "reward", "trainer")
+    ignored_task_fields = ("num_train_prompts", "num_eval_prompts")
 
     @classmethod
     def fingerprint_config(cls, cfg, spec) -> dict:
         out = super().fingerprint_config(cfg, spec)
-        for k in ("num_train_prompts", "num_eval_prompts"):
-            out["task"].pop(k, None)
-        if cfg.reward.init_from == "sft":
+        if cfg.reward.init_from == "sft":  # the backbone (and its max_length) come from the SFT model
             out["reward"].pop("model", None)
-        else:
             out["max_length"] = cfg.model.max_length
         return out
 
@@ -58,7 +56,7 @@ class RewardStage(Stage):
         else:
             mcfg = rcfg.model
             task = build_task(self.cfg.task)
-            tokenizer = resolve_tokenizer(mcfg, task.corpus)
+            tokenizer = resolve_tokenizer(mcfg, task.corpus, key="reward.model")
             max_length = mcfg.max_length
             if mcfg.name_or_path:
                 make = lambda: load_sequence_classifier(mcfg.name_or_path, pad_token_id=tokenizer.pad_token_id,
@@ -125,7 +123,8 @@ class RewardStage(Stage):
         meta = {"members": names, "offsets": offsets, "max_length": max_length}
         (work_dir / META).write_text(json.dumps(meta, indent=2))
         metrics.update({"train/pairs": len(train), "train/steps": trained_steps(trainer), "val/pairs": len(val),
-                        "reward/offset_mean": sum(offsets) / len(offsets), "model/parameters": count_parameters(ensemble)})
+                        "reward/offset_mean": sum(offsets) / len(offsets),
+                        "model/parameters": count_parameters(ensemble)})
         self.record["reward_model"] = {"ensemble_size": len(members), "init_from": rcfg.init_from}
         return metrics
 

@@ -15,8 +15,6 @@ from pipeline.stages.base import STAGES, Stage, plain
 from pipeline.tasks import build_task
 from pipeline.training import RecordSteps, build_trainer, trained_steps
 
-#: task fields that only affect preference / evaluation data
-TASK_FIELDS_NOT_USED_BY_SFT = ("num_pref_prompts", "num_eval_prompts", "bt_beta", "label_noise")
 
 
 def split_holdout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -32,13 +30,7 @@ def split_holdout(examples: list, fraction: float, seed: int) -> tuple[list, lis
 class SFTStage(Stage):
     kind = "sft"
     config_keys = ("task", "model", "sft", "trainer")
-
-    @classmethod
-    def fingerprint_config(cls, cfg, spec) -> dict:
-        out = super().fingerprint_config(cfg, spec)
-        for k in TASK_FIELDS_NOT_USED_BY_SFT:
-            out["task"].pop(k, None)
-        return out
+    ignored_task_fields = ("num_pref_prompts", "num_eval_prompts", "bt_beta", "label_noise")
 
     def data(self):
         """(train, validation, tokenizer-corpus function): the user's file or the task's demos."""

@@ -1,0 +1,161 @@
+"""Experiment tracking: W&B mode resolution, secret scrubbing, offline W&B, TensorBoard, CSV."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.run import run_pipeline
+from pipeline.tracking import build_loggers, resolve_wandb_mode, scrub_secrets
+from tests.conftest import compose
+
+FAST = [
+    "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
+    "task.num_train_prompts=64", "task.num_pref_prompts=64", "task.num_eval_prompts=8",
+    "sft.max_epochs=1", "sft.batch_size=16", "reward.max_steps=3", "reward.batch_size=16",
+    "eval.num_samples=1", "eval.max_new_tokens=8", "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false", "print_summary=false",
+]
+
+
+# --------------------------------------------------------------------------- W&B mode
+@pytest.fixture
+def no_wandb_env(monkeypatch, tmp_path):
+    """No W&B variables and an empty HOME (no ~/.netrc)."""
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+def _netrc(home: Path, host: str) -> None:
+    (home / ".netrc").write_text(f"machine {host}\n  login user\n  password 0123456789abcdef\n")
+    (home / ".netrc").chmod(0o600)
+
+
+def test_wandb_mode_offline_without_credentials(no_wandb_env):
+    assert resolve_wandb_mode(None) == "offline"
+
+
+def test_wandb_mode_online_with_api_key_or_netrc(no_wandb_env, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert resolve_wandb_mode(None) == "online"
+    monkeypatch.delenv("WANDB_API_KEY")
+    _netrc(no_wandb_env, "api.wandb.ai")  # what `wandb login` writes
+    assert resolve_wandb_mode(None) == "online"
+
+
+def test_wandb_mode_netrc_must_match_the_server(no_wandb_env, monkeypatch):
+    _netrc(no_wandb_env, "wandb.example.com")
+    assert resolve_wandb_mode(None) == "offline"  # credentials for another host
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+    assert resolve_wandb_mode(None) == "online"
+
+
+def test_wandb_mode_precedence_explicit_then_env_then_credentials(no_wandb_env, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode(None) == "offline"  # env beats credentials
+    assert resolve_wandb_mode("disabled") == "disabled"  # explicit config beats env
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    assert resolve_wandb_mode(None) == "online"
+    assert resolve_wandb_mode("offline") == "offline"
+
+
+# --------------------------------------------------------------------------- secrets
+def test_scrub_secrets_hides_secret_values_everywhere():
+    cfg = {
+        "wandb": {"project": "p", "api_key": "KEY-123", "tags": ["a"]},
+        "hub_token": "TOK-456",
+        "model": {"name_or_path": "org/model", "auth": {"HF_TOKEN": "TOK-789", "password": "PW"}},
+        "extra": [{"secret": "S-1", "keep": 1}],
+        "lr": 0.1,
+    }
+    out = scrub_secrets(cfg)
+    assert out["wandb"] == {"project": "p", "api_key": "***", "tags": ["a"]}
+    assert out["hub_token"] == "***" and out["model"]["auth"] == {"HF_TOKEN": "***", "password": "***"}
+    assert out["extra"] == [{"secret": "***", "keep": 1}] and out["lr"] == 0.1
+    assert out["model"]["name_or_path"] == "org/model"
+    for value in ("KEY-123", "TOK-456", "TOK-789", "PW", "S-1"):
+        assert value not in repr(out)
+    assert cfg["wandb"]["api_key"] == "KEY-123"  # the input is not modified
+
+
+def test_wandb_logger_gets_scrubbed_config_and_resolved_mode(no_wandb_env, monkeypatch, tmp_path):
+    import lightning.pytorch.loggers as pl_loggers
+
+    seen = {}
+
+    class FakeWandbLogger(pl_loggers.CSVLogger):
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+            super().__init__(save_dir=str(tmp_path), name="fake")
+
+    monkeypatch.setattr(pl_loggers, "WandbLogger", FakeWandbLogger)
+    cfg = compose(["logger=wandb", "logger.wandb.tags=[x]"], tmp_path)
+    config = {"logger": {"wandb": {"api_key": "KEY-123"}}, "seed": 0}
+    loggers = build_loggers(cfg.logger, save_dir=tmp_path, stage="rm", run_name="exp", group="g", config=config)
+    assert [type(lg).__name__ for lg in loggers] == ["CSVLogger", "FakeWandbLogger"]
+    assert seen["mode"] == "offline" and seen["name"] == "exp/rm" and seen["group"] == "g" and seen["tags"] == ["x"]
+    assert seen["config"] == {"logger": {"wandb": {"api_key": "***"}}, "seed": 0}
+
+
+def test_unknown_logger_backend_is_a_config_error(tmp_path):
+    cfg = compose(["logger.backends=[csv,mlflow]"], tmp_path)
+    with pytest.raises(ConfigError, match="unknown logger backend 'mlflow'") as e:
+        build_loggers(cfg.logger, save_dir=tmp_path, stage="sft", run_name="r", group="g")
+    assert e.value.where == "logger.backends"
+
+
+# --------------------------------------------------------------------------- runs
+def _event_tags(path: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(path))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_csv_metrics_are_always_written_and_tensorboard_on_request(tmp_path):
+    cfg = compose(FAST + ["pipeline=sft", "logger.backends=[tensorboard]"], tmp_path)  # csv not even listed
+    run_pipeline(cfg)
+    sft = Path(cfg.paths.output_dir) / "stages" / "sft"
+    header = (sft / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "train/loss" in header and "val/loss" in header
+    (events,) = list((sft / "tensorboard").glob("events.out.tfevents.*"))
+    assert {"train/loss", "val/loss"} <= _event_tags(events)
+
+
+def test_wandb_offline_run_never_prompts_and_each_stage_gets_its_own_run(tmp_path):
+    """`logger=many` (csv + wandb + tensorboard) with WANDB_MODE=offline, no credentials, stdin closed."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), HOME=str(home), WANDB_MODE="offline",
+               HF_HUB_OFFLINE="1", WANDB_SILENT="false")
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "logger=many", "pipeline=rm_eval", *FAST],
+                          cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "wandb login" not in out and "API key" not in out and "Enter your choice" not in out
+    assert "already in progress" not in out  # the RM stage did not reuse the SFT stage's W&B run
+
+    arts = tmp_path / "outputs" / "artifacts"
+    for kind in ("sft", "reward"):
+        (art,) = list(arts.glob(f"{kind}-*"))
+        runs = list((art / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, f"{kind}: {runs}"
+        (log,) = list(runs[0].glob("run-*.wandb"))
+        assert log.stat().st_size > 0
+        assert "train/loss" in (art / "logs" / "metrics.csv").read_text().splitlines()[0]
+        (events,) = list((art / "tensorboard").glob("events.out.tfevents.*"))
+        assert "train/loss" in _event_tags(events)
+    assert not list(arts.glob("evaluate-*/wandb"))  # no training, no run
+    assert not any((arts / ".tmp").iterdir())  # nothing written after the artifacts were published
