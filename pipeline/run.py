@@ -33,8 +33,7 @@ def _check_schema(cfg: DictConfig) -> None:
 
     from pipeline.config.schema import Config
 
-    schema = OmegaConf.structured(Config)
-    OmegaConf.set_struct(schema, True)
+    schema = OmegaConf.structured(Config)  # dataclass nodes reject unknown keys; Dict fields accept any
     try:
         OmegaConf.merge(schema, OmegaConf.to_container(cfg, resolve=False))
     except OmegaConfBaseException as err:

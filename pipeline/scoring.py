@@ -12,6 +12,7 @@ are the prompt rows (dataset columns) the completions were sampled for:
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable, Sequence
 
@@ -24,36 +25,36 @@ Scorer = Callable[[Sequence[str], Sequence[str], Sequence[dict]], torch.Tensor]
 REWARD_SOURCES: Registry[Callable[..., Scorer]] = Registry("reward source")
 
 
-@REWARD_SOURCES.register("reward_model")
-def reward_model_source(cfg, inputs, task) -> Scorer:
-    from pipeline.models.reward import RewardScorer
+class RewardModelScorer:
+    """The upstream reward stage's model(s); the RM re-tokenizes the text itself."""
 
-    if "reward" not in inputs:
-        raise ConfigError("reward_source=reward_model needs a reward stage as input `reward`",
-                          where="policy.reward_source", fix="add `reward: rm` to the policy stage's inputs, or use reward_source=gold")
-    scorer = RewardScorer.from_artifact(inputs["reward"], aggregation=cfg.policy.reward_aggregation,
-                                        uwo_coef=cfg.policy.uwo_coef)
+    def __init__(self, reward_scorer):
+        self.reward_scorer = reward_scorer
 
-    def score(prompts, completions, rows):
-        return scorer.score(list(prompts), list(completions))
-
-    score.reward_scorer = scorer  # type: ignore[attr-defined]
-    return score
+    def __call__(self, prompts, completions, rows) -> torch.Tensor:
+        return self.reward_scorer.score(list(prompts), list(completions))
 
 
-@REWARD_SOURCES.register("gold")
-def gold_source(cfg, inputs, task) -> Scorer:
-    def score(prompts, completions, rows):
-        return torch.tensor(task.gold_reward(list(prompts), list(completions)), dtype=torch.float32)
+class GoldScorer:
+    """The task's hidden gold reward."""
 
-    return score
+    def __init__(self, task):
+        self.task = task
+
+    def __call__(self, prompts, completions, rows=None) -> torch.Tensor:
+        return torch.tensor(self.task.gold_reward(list(prompts), list(completions)), dtype=torch.float32)
 
 
-@REWARD_SOURCES.register("callable")
-def callable_source(cfg, inputs, task) -> Scorer:
-    fn = import_callable(cfg.policy.reward_fn, key="policy.reward_fn")
+class CallableScorer:
+    """A user function ``fn(prompts=, completions=, **columns) -> list[float]`` (imported lazily,
+    so the scorer pickles by its import path for spawned DDP workers)."""
 
-    def score(prompts, completions, rows):
+    def __init__(self, path: str):
+        self.path = path
+        import_callable(path, key="policy.reward_fn")  # fail fast
+
+    def __call__(self, prompts, completions, rows) -> torch.Tensor:
+        fn = import_callable(self.path, key="policy.reward_fn")
         columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
         out = fn(prompts=list(prompts), completions=list(completions), **columns)
         t = torch.as_tensor([float(x) for x in out], dtype=torch.float32)
@@ -62,7 +63,32 @@ def callable_source(cfg, inputs, task) -> Scorer:
                               where="policy.reward_fn")
         return t
 
-    return score
+
+@REWARD_SOURCES.register("reward_model")
+def reward_model_source(cfg, inputs, task) -> Scorer:
+    from pipeline.models.reward import RewardScorer
+
+    if "reward" not in inputs:
+        raise ConfigError("reward_source=reward_model needs a reward stage as input `reward`",
+                          where="policy.reward_source",
+                          fix="add `reward: rm` to the policy stage's inputs, or use reward_source=gold")
+    return RewardModelScorer(RewardScorer.from_artifact(inputs["reward"], aggregation=cfg.policy.reward_aggregation,
+                                                        uwo_coef=cfg.policy.uwo_coef))
+
+
+@REWARD_SOURCES.register("gold")
+def gold_source(cfg, inputs, task) -> Scorer:
+    return GoldScorer(task)
+
+
+@REWARD_SOURCES.register("callable")
+def callable_source(cfg, inputs, task) -> Scorer:
+    return CallableScorer(cfg.policy.reward_fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _import(mod_name: str):
+    return importlib.import_module(mod_name)
 
 
 def import_callable(path: str | None, *, key: str) -> Callable:
@@ -70,7 +96,7 @@ def import_callable(path: str | None, *, key: str) -> Callable:
         raise ConfigError(f"expected 'package.module:function', got {path!r}", where=key)
     mod_name, attr = path.split(":", 1)
     try:
-        mod = importlib.import_module(mod_name)
+        mod = _import(mod_name)
     except ImportError as err:
         raise ConfigError(f"cannot import {mod_name!r}: {err}", where=key,
                           fix="make the module importable (installed or on PYTHONPATH)") from None

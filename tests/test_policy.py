@@ -62,7 +62,9 @@ def test_algorithm_learns_over_seeds(workdir, algo, seed):
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_verifiable_task_exact_match_rises(workdir, algo):
-    res = run(workdir, ["task=arithmetic", f"algorithm={algo}", "policy.total_steps=20"], f"arith-{algo}")
+    res = run(workdir, ["task=arithmetic", "task.num_train_prompts=3000", "task.num_eval_prompts=128",
+                        "sft.batch_size=32", "sft.max_epochs=10", f"algorithm={algo}", "policy.total_steps=60"],
+              f"arith-{algo}")
     assert gold(res, "rl") > gold(res, "sft") + 0.1
 
 
@@ -103,7 +105,7 @@ def test_every_trainable_parameter_changes_after_one_update(workdir, algo):
 
     def fit_one_step(trainer, module, loader):
         before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-        trainer.fit_loop.max_steps = 1 * cfg.algorithm.ppo_epochs * cfg.algorithm.num_mini_batches
+        trainer.fit_loop.epoch_loop.max_steps = cfg.algorithm.ppo_epochs * cfg.algorithm.num_mini_batches
         original_fit(trainer, module, loader)
         captured["changed"] = {n: not torch.equal(before[n], p.detach()) for n, p in module.named_parameters()
                                if n in before}
@@ -120,11 +122,11 @@ def test_every_trainable_parameter_changes_after_one_update(workdir, algo):
 
 
 def test_batch_sizes_are_validated_up_front(make_cfg):
-    cfg = make_cfg(["pipeline=rlhf", "algorithm=grpo", "policy.prompts_per_step=6", "algorithm.num_mini_batches=5"])
+    cfg = make_cfg(["algorithm=grpo", "policy.prompts_per_step=6", "algorithm.num_mini_batches=5"])
     with pytest.raises(ConfigError) as err:
         run_pipeline(cfg)
     assert "must divide the rollout batch" in str(err.value) and "6 x 4 = 24" in str(err.value)
-    cfg = make_cfg(["pipeline=rlhf", "algorithm=rloo", "algorithm.num_generations=1"])
+    cfg = make_cfg(["algorithm=rloo", "algorithm.num_generations=1"])
     with pytest.raises(ConfigError, match="num_generations >= 2"):
         run_pipeline(cfg)
     assert not (Path(cfg.paths.artifact_dir)).exists() or not any(Path(cfg.paths.artifact_dir).glob("sft-*"))
@@ -132,7 +134,7 @@ def test_batch_sizes_are_validated_up_front(make_cfg):
 
 def test_unknown_estimator_is_a_config_error(make_cfg):
     with pytest.raises(ConfigError, match="unknown advantage estimator 'nope'"):
-        run_pipeline(make_cfg(["pipeline=rlhf", "algorithm.advantage_estimator=nope"]))
+        run_pipeline(make_cfg(["algorithm.advantage_estimator=nope"]))
 
 
 def test_callable_reward_source(workdir, tmp_path, monkeypatch):

@@ -300,6 +300,7 @@ def sequence_logprobs(
     response_start: int,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs of the response tokens in one training-style forward pass.
 
@@ -309,8 +310,8 @@ def sequence_logprobs(
     Returns ``logprobs [N, R]`` (float32, ``log_softmax(logits / temperature)``
     of each response token, 0 where the mask is 0), and with
     ``return_entropy=True`` also the entropies ``[N, R]`` of the same
-    distributions. Gradients flow; wrap in ``torch.no_grad()`` for reference
-    log-probs.
+    distributions (without gradient unless ``entropy_grad=True``). Gradients
+    flow through the log-probs; wrap in ``torch.no_grad()`` for reference log-probs.
     """
     if response_start < 1:
         raise ValueError("sequence_logprobs: response_start must be >= 1 (the response needs a prompt token before it)")
@@ -335,8 +336,10 @@ def sequence_logprobs(
     logprobs = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse) * resp_mask
     if not return_entropy:
         return logprobs
-    logp = logits - lse.unsqueeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1) * resp_mask
+    # entropy is a diagnostic: no graph over [N, R, V] unless asked for (entropy bonus)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        logp = logits - lse.unsqueeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1) * resp_mask
     return logprobs, entropy
 
 

@@ -20,7 +20,7 @@ from pipeline.models.loading import save_pretrained
 from pipeline.models.policy import apply_lora, policy_from_artifact
 from pipeline.models.value import ValueModel
 from pipeline.modules.policy import OnlineRLModule
-from pipeline.scoring import build_scorer
+from pipeline.scoring import GoldScorer, build_scorer
 from pipeline.stages.base import STAGES, Stage, plain
 from pipeline.tasks import build_task
 from pipeline.training import build_trainer
@@ -115,9 +115,7 @@ class PolicyStage(Stage):
             ref_policy, _ = policy_from_artifact(sft)
         value_model = self._critic(policy, tokenizer) if acfg.advantage_estimator in CRITIC_ESTIMATORS else None
         scorer = build_scorer(cfg, self.inputs, task)
-        gold_fn = None
-        if not pcfg.data.path:
-            gold_fn = lambda prompts, completions: torch.tensor(task.gold_reward(list(prompts), list(completions)))
+        gold_fn = None if pcfg.data.path else GoldScorer(task)  # gold is defined on the task's prompts
         rows = self._prompt_rows(task)
         gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loader to workers
         loader = DataLoader(rows, batch_size=pcfg.prompts_per_step, shuffle=True, drop_last=len(rows) >= pcfg.prompts_per_step,
@@ -158,35 +156,43 @@ class PolicyStage(Stage):
         return ValueModel.from_policy(base)
 
     def _evaluator(self, task, tokenizer, scorer, ref_policy):
-        """Held-out gold / proxy reward and KL to the reference (the over-optimisation curve)."""
-        pcfg, acfg = self.cfg.policy, self.cfg.algorithm
+        pcfg = self.cfg.policy
         if pcfg.eval_every <= 0 or pcfg.data.path:
             return None
+        prompts = [r["prompt"] for r in task.prompts("eval", pcfg.eval_prompts)]
+        return HeldOutEvaluator(task, tokenizer, prompts, getattr(scorer, "reward_scorer", None), ref_policy,
+                                max_new_tokens=self.cfg.algorithm.max_new_tokens, seed=self.cfg.seed)
+
+
+class HeldOutEvaluator:
+    """Held-out gold / proxy reward and KL to the reference: the over-optimisation curve.
+
+    A class (not a closure) so spawned DDP workers can unpickle it."""
+
+    def __init__(self, task, tokenizer, prompts, reward_scorer, ref_policy, *, max_new_tokens: int, seed: int):
         from types import SimpleNamespace
 
+        self.task, self.tokenizer, self.prompts = task, tokenizer, prompts
+        self.reward_scorer, self.ref_policy, self.seed = reward_scorer, ref_policy, seed
+        self.settings = SimpleNamespace(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, num_samples=1,
+                                        batch_size=64)
+
+    def __call__(self, policy) -> dict:
         from pipeline.stages.evaluate import kl_to_reference, sample_policy
 
-        prompts = [r["prompt"] for r in task.prompts("eval", pcfg.eval_prompts)]
-        ecfg = SimpleNamespace(max_new_tokens=acfg.max_new_tokens, temperature=1.0, top_p=1.0, num_samples=1,
-                               batch_size=64)
-        rm = getattr(scorer, "reward_scorer", None)
-
-        def evaluate(policy) -> dict:
-            policy.eval()
-            batches = sample_policy(policy, tokenizer, prompts, ecfg, seed=self.cfg.seed)
-            ps = [p for b in batches for p in b.prompts]
-            cs = [c for b in batches for c in b.completions]
-            out = {"eval/gold_reward": sum(task.gold_reward(ps, cs)) / len(cs)}
-            if rm is not None:
-                out["eval/proxy_reward"] = float(rm.score(ps, cs).mean())
-            if ref_policy is not None:
-                kl = torch.cat([kl_to_reference(b, policy, ref_policy, 1.0) for b in batches])
-            else:
-                kl = torch.cat([_lora_kl(b, policy) for b in batches])
-            out["eval/kl"] = float(kl.mean())
-            return out
-
-        return evaluate
+        policy.eval()
+        batches = sample_policy(policy, self.tokenizer, self.prompts, self.settings, seed=self.seed)
+        ps = [p for b in batches for p in b.prompts]
+        cs = [c for b in batches for c in b.completions]
+        out = {"eval/gold_reward": sum(self.task.gold_reward(ps, cs)) / len(cs)}
+        if self.reward_scorer is not None:
+            out["eval/proxy_reward"] = float(self.reward_scorer.score(ps, cs).mean())
+        if self.ref_policy is not None:
+            kl = torch.cat([kl_to_reference(b, policy, self.ref_policy, 1.0) for b in batches])
+        else:
+            kl = torch.cat([_lora_kl(b, policy) for b in batches])
+        out["eval/kl"] = float(kl.mean())
+        return out
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ Prompt ``"17+25="``, response ``"42"``. Gold reward: 1.0 when the integer in the
 response equals the sum, else 0.0 (non-numbers and trailing text count as wrong).
 The demonstration policy answers correctly with probability ``0.3 + 0.5*demo_quality``
 and otherwise is off by 1-3 (or swaps digits), so SFT leaves headroom for GRPO/RLOO.
-Options: ``max_operand`` (49), ``operators`` ("+").
+Options: ``max_operand`` (9), ``operators`` ("+").
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class ArithmeticTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.max_operand = int(self.options.get("max_operand", 49))
+        self.max_operand = int(self.options.get("max_operand", 9))
         self.operators = str(self.options.get("operators", "+"))
         self.p_correct = 0.3 + 0.5 * float(cfg.demo_quality)
 
