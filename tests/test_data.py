@@ -290,7 +290,9 @@ def test_tokenize_pairs_and_pair_collator(tok):
     rows = tokenize_pairs(ex, tok, max_length=64)
     eos = tok.eos_token_id
     assert all(r["chosen_input_ids"][-1] == eos and r["rejected_input_ids"][-1] == eos for r in rows)
-    assert rows[0]["prompt_length"] == len(tok("the sky is", add_special_tokens=False)["input_ids"])
+    n_prompt = len(tok("the sky is", add_special_tokens=False)["input_ids"])
+    assert rows[0]["chosen_input_ids"][:n_prompt] == tok("the sky is", add_special_tokens=False)["input_ids"]
+    assert [r["index"] for r in rows] == [0, 1]
     b = PairCollator(tok.pad_token_id)(rows)
     lengths = [len(r[k]) for r in rows for k in ("chosen_input_ids", "rejected_input_ids")]
     assert b["chosen_input_ids"].shape == b["rejected_input_ids"].shape == (2, max(lengths))
@@ -299,12 +301,12 @@ def test_tokenize_pairs_and_pair_collator(tok):
         last = mask.sum(1) - 1  # right padding: the last real token is at mask.sum - 1 ...
         assert (ids[torch.arange(2), last] == eos).all()  # ... and it is the EOS
         assert (ids[mask == 0] == tok.pad_token_id).all()
-    assert b["margin"].tolist() == [2.0, 0.0] and b["subset"] == ["s", "default"]
+    assert b["margin"].tolist() == [2.0, 0.0] and b["subset"] == ["s", "default"] and b["index"].tolist() == [0, 1]
     # truncation keeps the EOS
-    (r,) = tokenize_pairs(ex[:1], tok, max_length=rows[0]["prompt_length"] + 2)
-    assert len(r["chosen_input_ids"]) == rows[0]["prompt_length"] + 2 and r["chosen_input_ids"][-1] == eos
+    (r,) = tokenize_pairs(ex[:1], tok, max_length=n_prompt + 2)
+    assert len(r["chosen_input_ids"]) == n_prompt + 2 and r["chosen_input_ids"][-1] == eos
     with pytest.raises(DataError, match="example 0"):
-        tokenize_pairs(ex[:1], tok, max_length=rows[0]["prompt_length"] + 1)
+        tokenize_pairs(ex[:1], tok, max_length=n_prompt + 1)
 
 
 def test_tokenize_prompts_left_pads(tok):

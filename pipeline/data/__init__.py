@@ -6,6 +6,7 @@ from pipeline.data.collate import (
     seeded_generator,
     tokenize_pairs,
     tokenize_prompts,
+    tokenize_responses,
     tokenize_sft,
 )
 from pipeline.data.formats import FORMATS, load_preference_examples, load_sft_examples, split_common_prefix
@@ -24,5 +25,6 @@ __all__ = [
     "split_common_prefix",
     "tokenize_pairs",
     "tokenize_prompts",
+    "tokenize_responses",
     "tokenize_sft",
 ]

@@ -9,7 +9,7 @@
   should not learn to stop mid-answer).
 * Pairs: ``prompt + response`` truncated from the right to ``max_length - 1`` tokens, then
   EOS -- the EOS is always kept, so a reward head reading the last non-pad token always
-  reads an EOS position. ``prompt_length`` is returned for losses on response tokens only.
+  reads an EOS position (encoders use their own pair encoding).
 * Batches are right-padded (``SFTCollator``, ``PairCollator``); prompts for generation
   are left-padded (``tokenize_prompts``). Attention masks come from the lengths, not
   from comparing ids with the pad id, so pad == eos is safe here. (Hugging Face
@@ -169,33 +169,57 @@ class SFTCollator:
 
 
 # ----------------------------------------------------------------------------- preference pairs
-def tokenize_pairs(examples: Sequence[PreferenceExample], tokenizer, max_length: int, where: str = "reward.data",
-                   on_long_prompt: str = "error") -> list[dict]:
-    """``[{"chosen_input_ids", "rejected_input_ids", "prompt_length", "margin", "subset"}]``.
+def _uses_pair_encoding(tokenizer) -> bool:
+    """Encoders (BERT-style, with a CLS token) read ``[CLS] prompt [SEP] response [SEP]``."""
+    return getattr(tokenizer, "cls_token_id", None) is not None
 
-    Each sequence is ``(prompt + response)[:max_length - 1] + [eos]``; a prompt longer
-    than ``max_length - 2`` tokens (no room for one response token) errors or is dropped.
+
+def tokenize_responses(prompts: Sequence[str], responses: Sequence[str], tokenizer, max_length: int,
+                       where: str = "reward.data", on_long_prompt: str = "error",
+                       sources: Sequence[str | None] | None = None) -> tuple[list[list[int] | None], int]:
+    """Token ids a reward model reads for each (prompt, response): ``(ids, n_dropped)``.
+
+    Causal backbones: ``(prompt + response)[:max_length - 1] + [eos]`` (the head reads
+    the EOS position). Encoders: the tokenizer's pair encoding, truncated to max_length.
+    A prompt longer than ``max_length - 2`` tokens errors or (``drop``) gives ``None``.
+    Training pairs and scoring at RL time both go through here, so they always agree.
     """
     _check_mode(on_long_prompt)
+    if _uses_pair_encoding(tokenizer):
+        enc = tokenizer(list(prompts), list(responses), truncation=True, max_length=max_length)["input_ids"]
+        return [list(x) for x in enc], 0
     enc = _Encoder(tokenizer, where)
-    prompts = enc.prompts([e.prompt for e in examples])
-    chosen = enc.encode([e.chosen for e in examples])
-    rejected = enc.encode([e.rejected for e in examples])
-    drop = _long_prompts(prompts, max_length - 2, f"model.max_length={max_length}", where, on_long_prompt,
-                         [getattr(e, "where", None) for e in examples])
-
-    def seq(p: list[int], r: list[int]) -> list[int]:
+    p_ids = enc.prompts(list(prompts))
+    r_ids = enc.encode(list(responses))
+    drop = _long_prompts(p_ids, max_length - 2, f"model.max_length={max_length}", where, on_long_prompt, sources)
+    out: list[list[int] | None] = []
+    for i, (p, r) in enumerate(zip(p_ids, r_ids)):
+        if i in drop:
+            out.append(None)
+            continue
         if r and r[-1] == enc.eos:
             r = r[:-1]
-        return (p + r)[: max_length - 1] + [enc.eos]
+        out.append((p + r)[: max_length - 1] + [enc.eos])
+    return out, len(drop)
 
+
+def tokenize_pairs(examples: Sequence[PreferenceExample], tokenizer, max_length: int, where: str = "reward.data",
+                   on_long_prompt: str = "error") -> list[dict]:
+    """``[{"chosen_input_ids", "rejected_input_ids", "margin", "subset", "index"}]`` (see
+    :func:`tokenize_responses`); ``index`` is the example's position (bootstrap weights)."""
+    sources = [getattr(e, "where", None) for e in examples]
+    prompts = [e.prompt for e in examples]
+    chosen, _ = tokenize_responses(prompts, [e.chosen for e in examples], tokenizer, max_length, where,
+                                   on_long_prompt, sources)
+    rejected, _ = tokenize_responses(prompts, [e.rejected for e in examples], tokenizer, max_length, where,
+                                     on_long_prompt, sources)
     rows, same = [], 0
     for i, e in enumerate(examples):
-        if i in drop:
+        c, r = chosen[i], rejected[i]
+        if c is None or r is None:
             continue
-        c, r = seq(prompts[i], chosen[i]), seq(prompts[i], rejected[i])
         same += c == r
-        rows.append({"chosen_input_ids": c, "rejected_input_ids": r, "prompt_length": len(prompts[i]),
+        rows.append({"chosen_input_ids": c, "rejected_input_ids": r, "index": i,
                      "margin": 0.0 if e.margin is None else float(e.margin), "subset": e.subset})
     if same:
         log.warning("%s: %d of %d pairs have identical chosen/rejected tokens after truncation to %d",
@@ -207,7 +231,7 @@ class PairCollator:
     """Right-pads chosen and rejected to one common length (so they can share a forward pass).
 
     Returns ``chosen_input_ids``, ``chosen_attention_mask``, ``rejected_input_ids``,
-    ``rejected_attention_mask``, ``margin`` (float), ``prompt_length`` (long, if present)
+    ``rejected_attention_mask``, ``margin`` (float), ``index`` (long, if present)
     and ``subset`` (list of str).
     """
 
@@ -226,8 +250,8 @@ class PairCollator:
             "margin": torch.tensor([float(f.get("margin", 0.0)) for f in features], dtype=torch.float),
             "subset": [f.get("subset", "default") for f in features],
         }
-        if all("prompt_length" in f for f in features):
-            batch["prompt_length"] = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
+        if all("index" in f for f in features):
+            batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         return batch
 
 

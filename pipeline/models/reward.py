@@ -20,6 +20,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from pipeline.algorithms.reward_losses import aggregate
+from pipeline.data.collate import tokenize_responses
 from pipeline.models.loading import _hub_error, load_tokenizer
 
 META = "reward_meta.json"
@@ -50,21 +51,8 @@ def _score_head(model):
     return None
 
 
-def encode_pair(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, max_length: int) -> list[int]:
-    """Token ids the reward model reads for (prompt, completion).
-
-    Causal backbones: prompt + completion + EOS (the head reads the last token).
-    Encoders (tokenizers with a CLS token): the tokenizer's pair encoding.
-    Too long inputs keep their end (where the EOS / answer is) for causal models.
-    """
-    if tokenizer.cls_token_id is not None:
-        return tokenizer(prompt, completion, truncation=True, max_length=max_length)["input_ids"]
-    ids = tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return ids[-max_length:]
-
-
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad: sequence-classification heads take the last non-pad token."""
+    """Right-pad: the reward is read at the last non-pad position."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -85,33 +73,6 @@ def member_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
         last = attention_mask.sum(1) - 1
         return logits[torch.arange(logits.shape[0]), last, 0]
     return logits[:, 0]
-
-
-def encode_preferences(examples, tokenizer, max_length: int) -> list[dict]:
-    """PreferenceExamples -> rows for :class:`PairCollator` (keeps each row's index)."""
-    return [
-        {"chosen": encode_pair(tokenizer, e.prompt, e.chosen, max_length),
-         "rejected": encode_pair(tokenizer, e.prompt, e.rejected, max_length),
-         "margin": float(e.margin or 0.0), "index": i}
-        for i, e in enumerate(examples)
-    ]
-
-
-class PairCollator:
-    """Pads chosen and rejected to one common width (one forward pass for both)."""
-
-    def __init__(self, pad_token_id: int):
-        self.pad = pad_token_id
-
-    def __call__(self, rows: list[dict]) -> dict:
-        ids, mask = pad_batch([r["chosen"] for r in rows] + [r["rejected"] for r in rows], self.pad)
-        b = len(rows)
-        return {
-            "chosen_input_ids": ids[:b], "chosen_attention_mask": mask[:b],
-            "rejected_input_ids": ids[b:], "rejected_attention_mask": mask[b:],
-            "margin": torch.tensor([r["margin"] for r in rows], dtype=torch.float32),
-            "index": torch.tensor([r["index"] for r in rows], dtype=torch.long),
-        }
 
 
 class RewardEnsemble(torch.nn.Module):
@@ -156,8 +117,8 @@ class RewardScorer:
         device = next(self.ensemble.parameters()).device
         out = []
         for i in range(0, len(prompts), batch_size):
-            seqs = [encode_pair(self.tokenizer, p, c, self.max_length)
-                    for p, c in zip(prompts[i:i + batch_size], completions[i:i + batch_size])]
+            seqs, _ = tokenize_responses(prompts[i:i + batch_size], completions[i:i + batch_size], self.tokenizer,
+                                         self.max_length, where="reward scoring", on_long_prompt="error")
             ids, mask = pad_batch(seqs, self.tokenizer.pad_token_id)
             out.append(self.ensemble(ids.to(device), mask.to(device)).float().cpu())
         return torch.cat(out, dim=1) - self.offsets[:, None]

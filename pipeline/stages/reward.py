@@ -12,14 +12,8 @@ from pipeline.algorithms.reward_losses import bradley_terry_loss
 from pipeline.data import load_preference_examples, seeded_generator
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.loading import count_parameters, load_tokenizer, resolve_tokenizer
-from pipeline.models.reward import (
-    META,
-    PairCollator,
-    RewardEnsemble,
-    RewardScorer,
-    encode_preferences,
-    load_sequence_classifier,
-)
+from pipeline.data import PairCollator, tokenize_pairs
+from pipeline.models.reward import META, RewardEnsemble, RewardScorer, load_sequence_classifier
 from pipeline.modules.reward import RewardModule
 from pipeline.stages.base import STAGES, Stage
 from pipeline.stages.sft import split_holdout, with_key
@@ -93,9 +87,9 @@ class RewardStage(Stage):
             raise DataError("no preference pairs to train on", where="reward.data")
         collate = PairCollator(tokenizer.pad_token_id)
         gen = seeded_generator(self.cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
-        train_loader = DataLoader(encode_preferences(train, tokenizer, max_length), batch_size=rcfg.batch_size,
+        train_loader = DataLoader(tokenize_pairs(train, tokenizer, max_length, where="reward.data"), batch_size=rcfg.batch_size,
                                   shuffle=True, collate_fn=collate, generator=gen)
-        val_loader = (DataLoader(encode_preferences(val, tokenizer, max_length), batch_size=64, collate_fn=collate)
+        val_loader = (DataLoader(tokenize_pairs(val, tokenizer, max_length, where="reward.data"), batch_size=64, collate_fn=collate)
                       if val else None)
         ensemble = RewardEnsemble(members)
         module = RewardModule(ensemble, rcfg.optim, center_coef=rcfg.center_rewards_coefficient,
