@@ -151,7 +151,8 @@ def test_callable_reward_source(workdir, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_reward_model_overoptimization_is_visible(tmp_path):
     """Noisy-label proxy RM + small KL: proxy reward keeps rising while gold peaks and falls."""
-    cfg = compose(TINY + ["experiment=overoptimization", "policy.total_steps=40"], tmp_path, "overopt")
+    cfg = compose(["experiment=overoptimization", "trainer.enable_progress_bar=false", "print_summary=false"],
+                  tmp_path, "overopt")
     res = run_pipeline(cfg)
     curve = [json.loads(line) for line in (Path(cfg.paths.output_dir) / "stages" / "rl" / "curve.jsonl").read_text().splitlines()]
     gold_curve = [p["eval/gold_reward"] for p in curve]
