@@ -3,10 +3,10 @@
     PIPELINE_ROOT=/tmp/bench .venv/bin/python bench/ours.py --algo grpo --steps 30 --threads 1 \
         --out bench/results/ours_grpo.json
 
-Runs the ``policy`` stage (``pipeline=rl_gold``, ``policy.reward_source=gold``) through
-``run_pipeline`` in the bench root, reusing the SFT artifact ``bench/common.py export``
-used, and records per-step wall time / gold reward / RSS with ``bench/common.py``'s
-StepLog (started right before the first rollout, as on the TRL side).
+Runs our ``policy`` stage (``policy.reward_source=gold``) on exactly the SFT artifact
+``bench/common.py export`` recorded (the one the TRL side loads), and records per-step
+wall time / gold reward / RSS with ``bench/common.py``'s StepLog (started right before
+the first rollout, as on the TRL side).
 """
 from __future__ import annotations
 
@@ -50,9 +50,11 @@ def main(argv=None) -> None:
 
     from hydra import compose, initialize_config_dir
 
+    from pipeline.artifacts import Artifact
     from pipeline.config.schema import register_configs
     from pipeline.modules.policy import OnlineRLModule
-    from pipeline.run import CONF_DIR, run_pipeline
+    from pipeline.run import CONF_DIR, _setup_env
+    from pipeline.stages.policy import PolicyStage
 
     overrides = [
         f"paths.root_dir={root}", f"paths.output_dir={root}/outputs/runs/bench-ours-{args.algo}",
@@ -60,7 +62,7 @@ def main(argv=None) -> None:
         f"policy.optim.lr={args.lr}", "policy.eval_every=0", "policy.log_completions_every=0",
         "algorithm.temperature=1.0", "algorithm.max_new_tokens=24", f"trainer.num_threads={args.threads}",
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "print_summary=false",
-        "force_stages=[rl]", f"seed={args.seed}", *MATCH[args.algo], *args.overrides,
+        f"seed={args.seed}", *MATCH[args.algo], *args.overrides,
     ]
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -83,7 +85,12 @@ def main(argv=None) -> None:
                      kl=metrics.get("policy/kl"), gen_s=metrics.get("perf/gen_time_s"),
                      update_s=metrics.get("perf/update_time_s"))
 
-    run_pipeline(cfg, hook=hook)
+    _setup_env()
+    sft = Artifact.load(Path(inputs["sft_model_dir"]).parent)
+    spec = next(s for s in cfg.pipeline.stages if s.kind == "policy")
+    work = Path(cfg.paths.output_dir) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    PolicyStage(cfg, spec, {"policy": sft}, hook=hook).run(work)
     summary = common.summarize(log.rows, target=inputs["target_gold"], rss_before_train_mb=rss_before.get("mb"),
                                side="ours", algo=args.algo, reward="gold", threads=args.threads,
                                sft_gold=inputs["sft_gold_mean"])
