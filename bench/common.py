@@ -18,8 +18,7 @@ It is also a CLI, run in the *project* venv, that prepares the shared inputs:
     .venv/bin/python bench/common.py export --artifacts /tmp/bench/outputs/artifacts --out /tmp/bench/inputs
 
 ``export`` writes ``prompts.jsonl`` (the lexicon task's ``rl`` split: ``prompt`` and
-``topic`` columns), checks that ``bench/lexicon_gold.py`` scores exactly like
-``LexiconTask.gold_reward``, measures the SFT model's gold reward (the baseline the
+``topic`` columns), measures the SFT model's gold reward (the baseline the
 time-to-quality target is set above) and writes ``inputs.json`` with the SFT / RM
 directories, the baseline and a default target (baseline + ``--target-delta``).
 """
@@ -188,28 +187,6 @@ def _reward_for(artifacts: Path, sft: Path) -> Path:
     return max(cands, key=lambda p: (p / "model").stat().st_mtime)
 
 
-def _check_gold_copy(task, prompts: list[str], completions: list[str]) -> None:
-    sys.path.insert(0, str(HERE))
-    import lexicon_gold
-
-    edge = [
-        " the pizza was great and the staff was rude .",
-        " the pizza was great great great great .",
-        " it was very good but the price was pricey",
-        " blah blah the was was was was was was was was was was was was was was .",
-        "",
-        " the movie was ok",
-    ]
-    ps = prompts + ["review of the pizza :"] * len(edge)
-    cs = completions + edge
-    a = task.gold_reward(ps, cs)
-    b = lexicon_gold.gold_reward(ps, cs, max_words=task.max_words, repeat_penalty=task.repeat_penalty)
-    bad = [(p, c, x, y) for p, c, x, y in zip(ps, cs, a, b) if abs(x - y) > 1e-9]
-    if bad:
-        raise SystemExit(f"bench/lexicon_gold.py disagrees with LexiconTask.gold_reward on {len(bad)} samples, "
-                         f"e.g. {bad[0]}")
-
-
 def export(args) -> None:
     import torch
     from omegaconf import OmegaConf
@@ -255,7 +232,6 @@ def export(args) -> None:
             texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
             prompts += chunk
             completions += texts
-    _check_gold_copy(task, prompts, completions)
     gold = task.gold_reward(prompts, completions)
     mean = statistics.fmean(gold)
     std = statistics.pstdev(gold)

@@ -11,7 +11,7 @@
 # GPT-2 modelling code; override with the env vars below.
 #
 # The TRL scripts are self-contained (prompts and the SFT / RM model dirs come in as
-# files, the gold reward is bench/lexicon_gold.py), so the project package is NOT
+# files, the gold reward is the project's own pipeline.tasks on sys.path), so the project package is NOT
 # installed in these venvs.
 #
 #   bash bench/setup_trl.sh              # both venvs (idempotent: skips finished ones)

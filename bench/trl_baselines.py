@@ -3,7 +3,7 @@
 Runs in one of the isolated TRL venvs made by ``bench/setup_trl.sh`` (the project is
 not installed there): inputs come as files written by ``bench/common.py export`` (a
 prompts jsonl, the SFT model dir, the RM member dir), the gold reward is the
-stdlib copy in ``bench/lexicon_gold.py``, and the per-step metrics / summary are
+project's own ``pipeline.tasks`` code (importable without the project's heavy deps), and the per-step metrics / summary are
 computed by ``bench/common.py`` exactly as for our side.
 
     I=/tmp/bench/inputs/inputs.json
@@ -52,7 +52,26 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from common import StepLog, peak_rss_mb, summarize, write_result  # noqa: E402
-from lexicon_gold import gold_reward  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's task code (light imports)
+
+
+_GOLD: list = []
+
+
+def use_task(task_cfg: dict) -> None:
+    """Score with the project's own task code (pipeline.tasks: light imports, no copy)."""
+    from types import SimpleNamespace
+
+    from pipeline.tasks import build_task
+
+    _GOLD[:] = [build_task(SimpleNamespace(**task_cfg)).gold_reward]
+
+
+def gold_reward(prompts, completions):
+    if not _GOLD:  # no --inputs: the lexicon task with its defaults
+        use_task({"name": "lexicon", "seed": 1234, "num_train_prompts": 2000, "num_pref_prompts": 2000,
+                  "num_eval_prompts": 128, "bt_beta": 4.0, "label_noise": 0.0, "demo_quality": 0.3, "options": {}})
+    return _GOLD[0](list(prompts), list(completions))
 
 #: defaults mirroring conf/algorithm/{grpo,rloo,ppo}.yaml
 ALGO_DEFAULTS = {
@@ -94,6 +113,7 @@ def parse_args(argv=None):
 
     if args.inputs:
         info = json.loads(Path(args.inputs).read_text())
+        use_task(info["task"])
         args.model_dir = args.model_dir or info["sft_model_dir"]
         args.rm_dir = args.rm_dir or info.get("rm_dir")
         args.prompts = args.prompts or info["prompts"]
