@@ -177,3 +177,17 @@ def test_ppo_under_two_process_ddp(tmp_path):
     assert len(list(arts.glob("policy-*"))) == 1
     results = json.loads(next((tmp_path / "outputs" / "runs").glob("*/*/results.json")).read_text())
     assert results["stages"]["rl"]["metrics"]["train/steps"] == 4
+
+
+def test_lora_policy_keeps_base_weights_and_uses_adapters_off_as_reference(workdir):
+    from safetensors.torch import load_file
+
+    res = run(workdir, ["algorithm=grpo", "policy.lora.enabled=true", "policy.lora.r=4", "policy.total_steps=6",
+                        "policy.optim.lr=3e-3"], "lora")
+    run_dir = Path(compose(TINY + SHORT, workdir, "lora").paths.output_dir)
+    sft = load_file(run_dir / "stages" / "sft" / "model" / "model.safetensors")
+    rl = load_file(run_dir / "stages" / "rl" / "model" / "model.safetensors")
+    assert set(sft) == set(rl)  # adapters merged: a plain HF model
+    changed = {k for k in sft if not torch.equal(sft[k], rl[k])}
+    assert changed and all(("c_attn" in k or "c_proj" in k) and k.endswith("weight") for k in changed)
+    assert res["stages"]["eval"]["metrics"]["eval/rl/kl"] > 0.01  # measured against the adapters-off model

@@ -255,6 +255,9 @@ class PolicyConfig:
     #: example completions written to completions.jsonl (and a W&B table) every N steps
     log_completions_every: int = 10
     num_completions_logged: int = 8
+    #: train LoRA adapters on the SFT policy; the reference is the same model with
+    #: adapters disabled (no second copy in memory)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass

@@ -80,12 +80,6 @@ class PolicyStage(Stage):
             raise ConfigError(f"stage {spec.name!r} uses policy.reward_source=reward_model but has no `reward` input",
                               where=f"pipeline.stages.{spec.name}.inputs", fix="add `reward: rm` or set policy.reward_source=gold")
 
-    @classmethod
-    def fingerprint_config(cls, cfg, spec) -> dict:
-        out = super().fingerprint_config(cfg, spec)
-        out["lora"] = plain(cfg.model.lora)
-        return out
-
     def _prompt_rows(self, task) -> list[dict]:
         dcfg = self.cfg.policy.data
         if not dcfg.path:
@@ -109,8 +103,8 @@ class PolicyStage(Stage):
         policy, tokenizer = policy_from_artifact(sft)
         _no_dropout(policy)
         ref_policy = None
-        if cfg.model.lora.enabled:
-            policy = apply_lora(policy, cfg.model.lora)
+        if pcfg.lora.enabled:
+            policy = apply_lora(policy, pcfg.lora)
         else:
             ref_policy, _ = policy_from_artifact(sft)
         value_model = self._critic(policy, tokenizer) if acfg.advantage_estimator in CRITIC_ESTIMATORS else None
