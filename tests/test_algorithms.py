@@ -376,3 +376,9 @@ def test_entropy_from_logits_stable():
     assert torch.allclose(h, -(q * q.log()).sum(-1), atol=1e-12)
     h.sum().backward()
     assert torch.isfinite(banned.grad).all()
+
+
+def test_every_registered_estimator_declares_its_requirements():
+    from pipeline.algorithms.advantages import ADVANTAGE_ESTIMATORS, REQUIREMENTS
+
+    assert set(REQUIREMENTS) == set(ADVANTAGE_ESTIMATORS.names())

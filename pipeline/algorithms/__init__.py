@@ -6,6 +6,7 @@ Registries pick implementations by config name: ``ADVANTAGE_ESTIMATORS``, ``POLI
 """
 from pipeline.algorithms.advantages import (
     ADVANTAGE_ESTIMATORS,
+    requirements,
     group_stats,
     reward_to_go,
     sequence_returns,
@@ -36,6 +37,7 @@ from pipeline.algorithms.utils import masked_mean, masked_sum, masked_var, maske
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "requirements",
     "KL_CONTROLLERS",
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",

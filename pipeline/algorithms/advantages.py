@@ -258,3 +258,26 @@ def reinforce_pp_baseline(
     shaped = token_rewards.index_put((rows, last[rows]), -mean[rows], accumulate=True)
     G = reward_to_go(shaped, mask, gamma)
     return _normalise_global(G, mask, norm_adv_by_std), G
+
+
+# --------------------------------------------------------------------------- what each needs
+#: inputs an estimator needs from the training loop, beyond token rewards and the mask:
+#: ``values`` (a critic), ``groups`` (G >= 2 completions per prompt), ``baseline_scores``
+#: (the score of a greedy decode per prompt). The loop and the config validation read this
+#: instead of testing estimator names.
+REQUIREMENTS: dict[str, frozenset[str]] = {
+    "gae": frozenset({"values"}),
+    "grpo": frozenset({"groups"}),
+    "dr_grpo": frozenset({"groups"}),
+    "rloo": frozenset({"groups"}),
+    "remax": frozenset({"baseline_scores"}),
+    "reinforce_pp": frozenset(),
+    "reinforce_pp_baseline": frozenset({"groups"}),
+}
+
+
+def requirements(name: str) -> frozenset[str]:
+    """What estimator ``name`` needs (see :data:`REQUIREMENTS`); unknown names raise ConfigError."""
+    ADVANTAGE_ESTIMATORS.get(name, key=_KEY)
+    return REQUIREMENTS.get(name, frozenset())
+

@@ -34,6 +34,7 @@ from pipeline.algorithms import (
     clip_rewards,
     explained_variance,
     masked_mean,
+    requirements,
     token_level_rewards,
     value_loss,
     whiten_rewards,
@@ -62,6 +63,7 @@ class OnlineRLModule(L.LightningModule):
                                        top_p=acfg.top_p, top_k=acfg.top_k, n=acfg.num_generations)
         self.kl_ctl = build_kl_controller(acfg.kl_controller, acfg.kl_coef, acfg.kl_target, acfg.kl_horizon)
         self.estimator = ADVANTAGE_ESTIMATORS.get(acfg.advantage_estimator, key="algorithm.advantage_estimator")
+        self.needs = requirements(acfg.advantage_estimator)
         self.policy_loss = POLICY_LOSSES.get(acfg.policy_loss, key="algorithm.policy_loss")
         self.kl_fn = KL_ESTIMATORS.get(acfg.kl_estimator, key="algorithm.kl_estimator")
         self._generator: torch.Generator | None = None
@@ -150,7 +152,7 @@ class OnlineRLModule(L.LightningModule):
         if self.acfg.whiten_rewards:
             scores = whiten_rewards(scores)
         baseline = None
-        if self.acfg.advantage_estimator == "remax":  # greedy decode's reward is the baseline
+        if "baseline_scores" in self.needs:  # ReMax: the greedy decode's reward is the baseline
             greedy = self.engine.generate([r["prompt"] for r in rows], self.sampling.replace(do_sample=False, n=1))
             b = self.scorer(greedy.prompts, greedy.completions, rows).to(self.device).float()
             b = clip_rewards(apply_missing_eos_penalty(b, greedy.has_eos, self.acfg.missing_eos_penalty),

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.algorithms import requirements
 from pipeline.data import seeded_generator
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.loading import save_pretrained
@@ -24,11 +25,6 @@ from pipeline.scoring import GoldScorer, build_scorer
 from pipeline.stages.base import STAGES, Stage, plain
 from pipeline.tasks import build_task
 from pipeline.training import build_trainer
-
-#: estimators that compare the G completions of one prompt
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
-CRITIC_ESTIMATORS = ("gae",)
-
 
 def validate_batch_sizes(cfg) -> None:
     """Fail before any training when the batch arithmetic does not work out."""
@@ -44,7 +40,7 @@ def validate_batch_sizes(cfg) -> None:
             f"algorithm.num_mini_batches={M} must divide the rollout batch "
             f"policy.prompts_per_step x algorithm.num_generations = {P} x {G} = {P * G}",
             where="algorithm.num_mini_batches", fix=f"use a divisor of {P * G}, or change prompts_per_step / num_generations")
-    if a.advantage_estimator in GROUP_ESTIMATORS and G < 2:
+    if "groups" in requirements(a.advantage_estimator) and G < 2:
         raise ConfigError(f"advantage_estimator={a.advantage_estimator} compares completions of the same prompt "
                           f"and needs algorithm.num_generations >= 2 (got {G})", where="algorithm.num_generations")
     if a.kl_penalty not in ("reward", "loss"):
@@ -107,7 +103,8 @@ class PolicyStage(Stage):
             policy = apply_lora(policy, pcfg.lora)
         else:
             ref_policy, _ = policy_from_artifact(sft)
-        value_model = self._critic(policy, tokenizer) if acfg.advantage_estimator in CRITIC_ESTIMATORS else None
+        needs = requirements(acfg.advantage_estimator)
+        value_model = self._critic(policy, tokenizer) if "values" in needs else None
         scorer = build_scorer(cfg, self.inputs, task)
         gold_fn = None if pcfg.data.path else GoldScorer(task)  # gold is defined on the task's prompts
         rows = self._prompt_rows(task)
