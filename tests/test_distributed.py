@@ -17,6 +17,9 @@ FAST = [
 ]
 
 
+# Seen failing once in ~10 full-suite runs on a loaded 2-core box and never alone; the
+# rerun keeps the first failure's output in the report for diagnosis.
+@pytest.mark.flaky(reruns=1)
 @pytest.mark.timeout(540)
 def test_ddp_spawn_two_cpu_processes_publish_one_artifact_per_stage(tmp_path):
     proc = run_cli(["trainer=ddp"] + FAST, tmp_path, timeout=520)
