@@ -22,7 +22,6 @@ from pipeline.data import (
     load_sft_examples,
     split_common_prefix,
     tokenize_pairs,
-    tokenize_prompts,
     tokenize_sft,
 )
 from pipeline.errors import ConfigError, DataError
@@ -307,13 +306,3 @@ def test_tokenize_pairs_and_pair_collator(tok):
     assert len(r["chosen_input_ids"]) == n_prompt + 2 and r["chosen_input_ids"][-1] == eos
     with pytest.raises(DataError, match="example 0"):
         tokenize_pairs(ex[:1], tok, max_length=n_prompt + 1)
-
-
-def test_tokenize_prompts_left_pads(tok):
-    b = tokenize_prompts(["the sky is blue today", "hi"], tok, max_prompt_length=32)
-    n_short = len(tok("hi", add_special_tokens=False)["input_ids"])
-    assert b["attention_mask"][1].tolist()[-n_short:] == [1] * n_short
-    assert b["attention_mask"][1, 0] == 0 and b["input_ids"][1, 0] == tok.pad_token_id
-    assert b["attention_mask"][0].all()
-    with pytest.raises(DataError, match="max_prompt_length=2"):
-        tokenize_prompts(["the sky is blue today"], tok, max_prompt_length=2)

@@ -5,7 +5,6 @@ from pipeline.data.collate import (
     SFTCollator,
     seeded_generator,
     tokenize_pairs,
-    tokenize_prompts,
     tokenize_responses,
     tokenize_sft,
 )
@@ -24,7 +23,6 @@ __all__ = [
     "seeded_generator",
     "split_common_prefix",
     "tokenize_pairs",
-    "tokenize_prompts",
     "tokenize_responses",
     "tokenize_sft",
 ]

@@ -11,7 +11,8 @@
   EOS -- the EOS is always kept, so a reward head reading the last non-pad token always
   reads an EOS position (encoders use their own pair encoding).
 * Batches are right-padded (``SFTCollator``, ``PairCollator``); prompts for generation
-  are left-padded (``tokenize_prompts``). Attention masks come from the lengths, not
+  are tokenized and left-padded by the rollout engine (``HFRolloutEngine.encode_prompts``).
+  Attention masks come from the lengths, not
   from comparing ids with the pad id, so pad == eos is safe here. (Hugging Face
   ``*ForSequenceClassification`` heads, however, locate the last token by
   ``input_ids != pad_token_id``: use a pad token distinct from EOS with them.)
@@ -253,21 +254,3 @@ class PairCollator:
         if all("index" in f for f in features):
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
         return batch
-
-
-# ----------------------------------------------------------------------------- generation prompts
-def tokenize_prompts(prompts: Sequence[str], tokenizer, max_prompt_length: int,
-                     where: str = "data") -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids`` / ``attention_mask`` for generation; DataError if a prompt is too long."""
-    enc = _Encoder(tokenizer, where)
-    ids = enc.prompts(list(prompts))
-    _long_prompts(ids, max_prompt_length, f"max_prompt_length={max_prompt_length}", where, "error")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else enc.eos
-    n = max((len(s) for s in ids), default=0)
-    input_ids = torch.full((len(ids), n), int(pad), dtype=torch.long)
-    mask = torch.zeros((len(ids), n), dtype=torch.long)
-    for i, s in enumerate(ids):
-        if s:
-            input_ids[i, n - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[i, n - len(s):] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}

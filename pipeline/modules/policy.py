@@ -119,7 +119,7 @@ class OnlineRLModule(L.LightningModule):
         update_metrics = self._update(ids, attn, start, mask, old_logp, ref_logp, adv, returns, old_values)
         t_update = time.perf_counter() - t0 - t_gen - t_score
 
-        seq_kl = (self.kl_fn(old_logp, ref_logp) * mask).sum(1) if self.acfg.kl_estimator != "k1" else kl.sum(1)
+        seq_kl = kl.sum(1)  # the configured estimator, summed over response tokens
         self.kl_ctl.update(float(seq_kl.mean()), len(rollout))
         sch = self.lr_schedulers()
         if sch is not None:
