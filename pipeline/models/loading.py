@@ -125,13 +125,6 @@ def fuse_activation(config) -> None:
             setattr(config, attr, _FUSED_ACTIVATIONS[name])
 
 
-def model_config_of(name_or_path: str | Path, *, trust_remote_code: bool = False, key: str = "model.name_or_path"):
-    try:
-        return AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise _hub_error(str(name_or_path), key, err) from None
-
-
 def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path) -> None:
     """Save in HF format with safetensors (LoRA adapters are merged first)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,6 @@ class OnlineRLModule(L.LightningModule):
         self.policy_loss = POLICY_LOSSES.get(acfg.policy_loss, key="algorithm.policy_loss")
         self.kl_fn = KL_ESTIMATORS.get(acfg.kl_estimator, key="algorithm.kl_estimator")
         self._generator: torch.Generator | None = None
-        self.last_metrics: dict = {}
         #: rollout steps done (Lightning's global_step counts optimizer steps: E x M per rollout step)
         self.rollout_step = 0
 
@@ -222,7 +221,6 @@ class OnlineRLModule(L.LightningModule):
             t = self.trainer.strategy.reduce(t, reduce_op="mean")
         metrics = dict(zip(metrics, t.tolist()))
         metrics["train/rollout_step"] = float(self.rollout_step)
-        self.last_metrics = metrics
         # callbacks (progress bar, the tuner's hook) read callback_metrics
         self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if self.trainer.is_global_zero:

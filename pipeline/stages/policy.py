@@ -104,8 +104,8 @@ class PolicyStage(Stage):
         else:
             ref_policy, _ = policy_from_artifact(sft)
         needs = requirements(acfg.advantage_estimator)
-        value_model = self._critic(policy, tokenizer) if "values" in needs else None
         scorer = build_scorer(cfg, self.inputs, task)
+        value_model = self._critic(policy, tokenizer, scorer) if "values" in needs else None
         gold_fn = None if pcfg.data.path else GoldScorer(task)  # gold is defined on the task's prompts
         rows = self._prompt_rows(task)
         gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loader to workers
@@ -134,12 +134,13 @@ class PolicyStage(Stage):
         self.record["algorithm"] = plain(acfg)
         return metrics
 
-    def _critic(self, policy, tokenizer):
+    def _critic(self, policy, tokenizer, scorer):
         """N+ recipe: initialise the critic from the reward model when it shares the tokenizer."""
         if self.cfg.algorithm.value_init == "reward" and "reward" in self.inputs:
             from pipeline.models.reward import RewardScorer
 
-            rm = RewardScorer.from_artifact(self.inputs["reward"])
+            # the scorer's RM when it already loaded one (copied, not shared, by ValueModel)
+            rm = getattr(scorer, "reward_scorer", None) or RewardScorer.from_artifact(self.inputs["reward"])
             member = rm.ensemble.members[0]
             if rm.tokenizer.get_vocab() == tokenizer.get_vocab() and member.config.model_type == policy.config.model_type:
                 return ValueModel.from_reward_model(member)
