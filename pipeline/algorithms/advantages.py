@@ -96,7 +96,7 @@ def _normalise_global(x: Tensor, mask: Tensor, norm_adv_by_std: bool) -> Tensor:
 # --------------------------------------------------------------------------- estimators
 
 
-@ADVANTAGE_ESTIMATORS.register("gae")
+@ADVANTAGE_ESTIMATORS.register("gae", needs={"values"})
 @torch.no_grad()
 def gae(
     *,
@@ -132,7 +132,7 @@ def gae(
     return _normalise_global(adv, mask, norm_adv_by_std), returns
 
 
-@ADVANTAGE_ESTIMATORS.register("grpo")
+@ADVANTAGE_ESTIMATORS.register("grpo", needs={"groups"})
 @torch.no_grad()
 def grpo(
     *,
@@ -158,14 +158,14 @@ def grpo(
     return adv, adv
 
 
-@ADVANTAGE_ESTIMATORS.register("dr_grpo")
+@ADVANTAGE_ESTIMATORS.register("dr_grpo", needs={"groups"})
 def dr_grpo(**kwargs: object) -> tuple[Tensor, Tensor]:
     """Dr. GRPO: :func:`grpo` with group-mean centring only (``norm_adv_by_std`` forced False)."""
     kwargs["norm_adv_by_std"] = False
     return grpo(**kwargs)  # type: ignore[arg-type]
 
 
-@ADVANTAGE_ESTIMATORS.register("rloo")
+@ADVANTAGE_ESTIMATORS.register("rloo", needs={"groups"})
 @torch.no_grad()
 def rloo(
     *,
@@ -189,7 +189,7 @@ def rloo(
     return adv, adv
 
 
-@ADVANTAGE_ESTIMATORS.register("remax")
+@ADVANTAGE_ESTIMATORS.register("remax", needs={"baseline_scores"})
 @torch.no_grad()
 def remax(
     *,
@@ -214,7 +214,7 @@ def remax(
     return adv, adv
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp")
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp", needs=set())
 @torch.no_grad()
 def reinforce_pp(
     *,
@@ -231,7 +231,7 @@ def reinforce_pp(
     return _normalise_global(G, mask, norm_adv_by_std), G
 
 
-@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline")
+@ADVANTAGE_ESTIMATORS.register("reinforce_pp_baseline", needs={"groups"})
 @torch.no_grad()
 def reinforce_pp_baseline(
     *,
@@ -261,23 +261,9 @@ def reinforce_pp_baseline(
 
 
 # --------------------------------------------------------------------------- what each needs
-#: inputs an estimator needs from the training loop, beyond token rewards and the mask:
-#: ``values`` (a critic), ``groups`` (G >= 2 completions per prompt), ``baseline_scores``
-#: (the score of a greedy decode per prompt). The loop and the config validation read this
-#: instead of testing estimator names.
-REQUIREMENTS: dict[str, frozenset[str]] = {
-    "gae": frozenset({"values"}),
-    "grpo": frozenset({"groups"}),
-    "dr_grpo": frozenset({"groups"}),
-    "rloo": frozenset({"groups"}),
-    "remax": frozenset({"baseline_scores"}),
-    "reinforce_pp": frozenset(),
-    "reinforce_pp_baseline": frozenset({"groups"}),
-}
-
-
 def requirements(name: str) -> frozenset[str]:
-    """What estimator ``name`` needs (see :data:`REQUIREMENTS`); unknown names raise ConfigError."""
-    ADVANTAGE_ESTIMATORS.get(name, key=_KEY)
-    return REQUIREMENTS.get(name, frozenset())
-
+    """What estimator ``name`` needs from the training loop besides token rewards and the mask,
+    as declared at registration: ``values`` (a critic), ``groups`` (G >= 2 completions per
+    prompt), ``baseline_scores`` (the score of a greedy decode per prompt). The loop and the
+    config validation read this instead of testing estimator names; unknown names raise."""
+    return ADVANTAGE_ESTIMATORS.meta(name, key=_KEY).get("needs", frozenset())
