@@ -3,7 +3,7 @@
     PIPELINE_ROOT=/tmp/bench .venv/bin/python bench/ours.py --algo grpo --steps 30 --threads 1 \
         --out bench/results/ours_grpo.json
 
-Runs our ``policy`` stage (``policy.reward_source=gold``) on exactly the SFT artifact
+Runs our ``rl`` stage (``rl.reward_source=gold``) on exactly the SFT artifact
 ``bench/common.py export`` recorded (the one the TRL side loads), and records per-step
 wall time / gold reward / RSS with ``bench/common.py``'s StepLog (started right before
 the first rollout, as on the TRL side).
@@ -25,9 +25,9 @@ import common  # noqa: E402
 MATCH = {
     "grpo": ["algorithm=grpo", "algorithm.kl_coef=0.04"],
     "rloo": ["algorithm=rloo", "algorithm.kl_coef=0.05"],
-    "ppo": ["algorithm=ppo", "algorithm.kl_coef=0.05", "algorithm.temperature=1.0", "policy.prompts_per_step=16"],
-    "remax": ["algorithm=remax", "policy.prompts_per_step=64"],
-    "reinforce_pp": ["algorithm=reinforce_pp", "policy.prompts_per_step=64"],
+    "ppo": ["algorithm=ppo", "algorithm.kl_coef=0.05", "algorithm.temperature=1.0", "rl.prompts_per_step=16"],
+    "remax": ["algorithm=remax", "rl.prompts_per_step=64"],
+    "reinforce_pp": ["algorithm=reinforce_pp", "rl.prompts_per_step=64"],
 }
 
 
@@ -52,14 +52,14 @@ def main(argv=None) -> None:
 
     from pipeline.artifacts import Artifact
     from pipeline.config.schema import register_configs
-    from pipeline.modules.policy import OnlineRLModule
+    from pipeline.modules.rl import OnlineRLModule
     from pipeline.run import CONF_DIR, _setup_env
-    from pipeline.stages.policy import PolicyStage
+    from pipeline.stages.rl import RLStage
 
     overrides = [
         f"paths.root_dir={root}", f"paths.output_dir={root}/outputs/runs/bench-ours-{args.algo}",
-        "pipeline=rl_gold", "policy.reward_source=gold", f"policy.total_steps={args.steps}",
-        f"policy.optim.lr={args.lr}", "policy.eval_every=0", "policy.log_completions_every=0",
+        "pipeline=rl_gold", "rl.reward_source=gold", f"rl.total_steps={args.steps}",
+        f"rl.optim.lr={args.lr}", "rl.eval_every=0", "rl.log_completions_every=0",
         "algorithm.temperature=1.0", "algorithm.max_new_tokens=24", f"trainer.num_threads={args.threads}",
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "print_summary=false",
         f"seed={args.seed}", *MATCH[args.algo], *args.overrides,
@@ -87,10 +87,10 @@ def main(argv=None) -> None:
 
     _setup_env()
     sft = Artifact.load(Path(inputs["sft_model_dir"]).parent)
-    spec = next(s for s in cfg.pipeline.stages if s.kind == "policy")
+    spec = next(s for s in cfg.pipeline.stages if s.kind == "rl")
     work = Path(cfg.paths.output_dir) / "work"
     work.mkdir(parents=True, exist_ok=True)
-    PolicyStage(cfg, spec, {"policy": sft}, hook=hook).run(work)
+    RLStage(cfg, spec, {"policy": sft}, hook=hook).run(work)
     summary = common.summarize(log.rows, target=inputs["target_gold"], rss_before_train_mb=rss_before.get("mb"),
                                side="ours", algo=args.algo, reward="gold", threads=args.threads,
                                sft_gold=inputs["sft_gold_mean"])

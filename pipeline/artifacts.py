@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 MANIFEST = "manifest.json"
 #: bump when the meaning of a stage's outputs changes, to invalidate old caches
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def canonical_json(obj: Any) -> str:

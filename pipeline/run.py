@@ -1,11 +1,12 @@
 """Staged runner: ``python -m pipeline [overrides]`` or :func:`run_pipeline` from Python.
 
-Runs the stages of ``cfg.pipeline.stages`` in order. Each stage is looked up in the
-artifact store by its fingerprint and reused when present (unless ``force=true``);
-otherwise it runs and publishes atomically. The run directory receives the resolved
-config (``config.yaml``), ``results.json`` (final metrics per stage; identical across
-reruns of the same config) and ``run.json`` (timings, which stages were reused,
-versions, seed).
+Runs the stages of ``cfg.pipeline.stages`` in order, each with its effective config
+(:func:`pipeline.config.stage_configs`: the run's config plus the stage's own settings).
+Each stage is looked up in the artifact store by its fingerprint and reused when present
+(unless ``force=true``); otherwise it runs and publishes atomically. The run directory
+receives the resolved config (``config.yaml``), ``results.json`` (final metrics per stage;
+identical across reruns of the same config) and ``run.json`` (timings, which stages were
+reused, versions, seed).
 """
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.config import CONF_DIR, stage_configs  # noqa: F401  (CONF_DIR: public, used by callers)
+from pipeline.config.compose import check_renamed, open_sections
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.registry import closest
 
 log = logging.getLogger("pipeline")
 
-#: the Hydra config directory (conf/ at the repository root)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+#: old stage kinds -> new ones
+RENAMED_KINDS = {"policy": "rl"}
 
 
 def _check_schema(cfg: DictConfig) -> None:
@@ -42,7 +46,44 @@ def _check_schema(cfg: DictConfig) -> None:
                           fix="check the key's spelling against `python -m pipeline --cfg job`") from None
 
 
-def _validate(cfg: DictConfig) -> None:
+def _names(ref) -> list[str]:
+    return list(ref) if OmegaConf.is_list(ref) or isinstance(ref, list) else [ref]
+
+
+def _check_inputs(i: int, spec, stage_cls, kinds: dict[str, str]) -> None:
+    """Typed inputs: every role is declared by the stage kind and fed the artifact type it accepts."""
+    from pipeline.stages import STAGES
+
+    where = f"pipeline.stages[{i}] ({spec.name})"
+    for role, ref in spec.inputs.items():
+        if role not in stage_cls.roles:
+            near = closest(role, stage_cls.roles)
+            raise ConfigError(f"stage kind {spec.kind!r} has no input {role!r}" + (f" (did you mean {near!r}?)" if near
+                              else "") + f"; its inputs: {', '.join(stage_cls.roles) or '(none)'}",
+                              where=f"{where}.inputs.{role}")
+        accepted = stage_cls.roles[role]
+        if (OmegaConf.is_list(ref) or isinstance(ref, list)) and not accepted.many:
+            raise ConfigError(f"input {role!r} takes one stage, got a list {list(ref)}", where=f"{where}.inputs.{role}")
+        for name in _names(ref):
+            if name not in kinds:
+                raise ConfigError(f"input {role}={name!r} does not name an earlier stage "
+                                  f"(earlier: {', '.join(kinds) or 'none'})", where=f"{where}.inputs.{role}",
+                                  fix="list upstream stages before the stages that use them")
+            produces = STAGES.get(kinds[name]).produces
+            if produces not in accepted.accepts:
+                raise ConfigError(f"input {role}={name!r}: stage {name!r} (kind {kinds[name]}) publishes a "
+                                  f"{produces.replace('_', ' ')}, but {role!r} of a {spec.kind} stage accepts "
+                                  f"{' or '.join(sorted(a.replace('_', ' ') for a in accepted.accepts))}",
+                                  where=f"{where}.inputs.{role}")
+    for role, accepted in stage_cls.roles.items():
+        if accepted.required and role not in spec.inputs:
+            raise ConfigError(f"stage kind {spec.kind!r} needs an input {role!r}", where=f"{where}.inputs",
+                              fix=f"add `{role}: <an earlier stage publishing a "
+                                  f"{' or '.join(sorted(accepted.accepts))}>`")
+
+
+def _validate(cfg: DictConfig) -> dict[str, DictConfig]:
+    """Check the whole pipeline before any stage runs; returns every stage's effective config."""
     from pipeline.stages import STAGES
 
     _check_schema(cfg)
@@ -50,20 +91,21 @@ def _validate(cfg: DictConfig) -> None:
     if not stages:
         raise ConfigError("the pipeline has no stages", where="pipeline.stages",
                           fix="pick a pipeline preset, e.g. pipeline=default")
-    seen: set[str] = set()
+    kinds: dict[str, str] = {}
     for i, spec in enumerate(stages):
         where = f"pipeline.stages[{i}]"
+        if spec.kind in RENAMED_KINDS:
+            raise ConfigError(f"stage kind {spec.kind!r} was renamed {RENAMED_KINDS[spec.kind]!r}",
+                              where=f"{where}.kind", fix=f"write kind: {RENAMED_KINDS[spec.kind]}")
         stage_cls = STAGES.get(spec.kind, key=f"{where}.kind")
-        if spec.name in seen:
+        if spec.name in kinds:
             raise ConfigError(f"duplicate stage name {spec.name!r}", where=f"{where}.name")
-        for role, ref in spec.inputs.items():
-            for name in ref if OmegaConf.is_list(ref) or isinstance(ref, list) else [ref]:
-                if name not in seen:
-                    raise ConfigError(
-                        f"input {role}={name!r} does not name an earlier stage (earlier: {sorted(seen) or 'none'})",
-                        where=f"{where}.inputs.{role}", fix="list upstream stages before the stages that use them")
-        seen.add(spec.name)
-        stage_cls.validate(cfg, spec)
+        _check_inputs(i, spec, stage_cls, kinds)
+        kinds[spec.name] = spec.kind
+    configs = stage_configs(cfg)
+    for spec in stages:
+        STAGES.get(spec.kind).validate(configs[spec.name], spec)
+    return configs
 
 
 def _resolve_inputs(spec, done: dict[str, Any]) -> tuple[dict, dict]:
@@ -81,17 +123,18 @@ def _resolve_inputs(spec, done: dict[str, Any]) -> tuple[dict, dict]:
 def run_pipeline(cfg: DictConfig, hook=None) -> dict:
     """Run every stage of ``cfg.pipeline`` and return ``results`` (also saved as JSON).
 
+    ``cfg`` comes from :func:`pipeline.config.compose` (or the command line).
     ``hook(stage_name, step, metrics)`` receives intermediate metrics during training
     stages; an exception it raises (e.g. ``optuna.TrialPruned``) stops the run and
     nothing half-finished is published.
     """
     import lightning as L
 
-    from pipeline.artifacts import ArtifactStore, versions
+    from pipeline.artifacts import ArtifactStore, fingerprint, versions
     from pipeline.stages import STAGES
 
     _setup_env()
-    _validate(cfg)
+    configs = _validate(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -99,14 +142,14 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
     store.clean_tmp()
 
     results: dict = {"pipeline": cfg.pipeline.name, "seed": cfg.seed, "stages": {}}
-    run_info: dict = {"seed": cfg.seed, "versions": versions(), "stages": {}}
+    run_info: dict = {"seed": cfg.seed, "versions": versions(), "overrides": list(cfg.get("overrides") or []),
+                      "stages": {}}
     done: dict[str, Any] = {}
     for spec in cfg.pipeline.stages:
+        stage_cfg = configs[spec.name]
         stage_cls = STAGES.get(spec.kind)
         inputs, input_fps = _resolve_inputs(spec, done)
-        stage_config = stage_cls.fingerprint_config(cfg, spec)
-        from pipeline.artifacts import fingerprint
-
+        stage_config = stage_cls.fingerprint_config(stage_cfg, spec)
         fp = fingerprint(spec.kind, stage_config, input_fps)
         t0 = time.time()
         with store.lock(spec.kind, fp):
@@ -117,10 +160,11 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
                 log.info("stage %s (%s): reusing %s", spec.name, spec.kind, art.path)
             else:
                 log.info("stage %s (%s): running -> %s", spec.name, spec.kind, store.path_for(spec.kind, fp))
-                L.seed_everything(cfg.seed, workers=True, verbose=False)
-                stage = stage_cls(cfg, spec, inputs, hook=hook, run_dir=run_dir)
+                L.seed_everything(stage_cfg.seed, workers=True, verbose=False)
+                stage = stage_cls(stage_cfg, spec, inputs, hook=hook, run_dir=run_dir)
                 manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in input_fps.items()},
-                            "config": stage_config, "seed": cfg.seed}
+                            "config": stage_config, "seed": stage_cfg.seed,
+                            "overrides": [str(o) for o in (spec.get("overrides") or [])]}
                 with store.build(spec.kind, fp, manifest) as (work, record):
                     record["metrics"] = stage.run(work)
                     record.update(stage.record)
@@ -138,9 +182,12 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
     if cfg.print_summary:
+        from pipeline.evaluation import read_evaluation
         from pipeline.summary import print_summary
 
-        print_summary(results, run_info, run_dir)
+        headline = {s.name: STAGES.get(s.kind).headline for s in cfg.pipeline.stages}
+        evaluations = {name: ev for name, art in done.items() if (ev := read_evaluation(art.path))}
+        print_summary(results, run_info, run_dir, headline=headline, evaluations=evaluations)
     return results
 
 
@@ -182,13 +229,22 @@ def _setup_env() -> None:
 
 def main() -> None:
     import hydra
+    from hydra.core.hydra_config import HydraConfig
 
     from pipeline.config.schema import register_configs
 
+    args = sys.argv[1:]
+    try:
+        check_renamed(a for a in args if not a.startswith("-"))
+    except PipelineError as err:
+        report_error(err)
+        sys.exit(2)
+    sys.argv[1:] = open_sections(args)
     register_configs()
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> Any:
+        cfg.overrides = list(HydraConfig.get().overrides.task)
         try:
             results = run_pipeline(cfg)
         except PipelineError as err:

@@ -1,13 +1,13 @@
-"""Reward sources for online RL (registry ``REWARD_SOURCES``), picked by ``policy.reward_source``.
+"""Reward sources for online RL (registry ``REWARD_SOURCES``), picked by ``rl.reward_source``.
 
 Every source builds a scorer ``fn(prompts, completions, rows) -> Tensor[N]`` where ``rows``
 are the prompt rows (dataset columns) the completions were sampled for:
 
 - ``reward_model``: the upstream reward stage (input role ``reward``), K-member ensembles
-  aggregated by ``policy.reward_aggregation`` (mean | wco | uwo); the RM keeps its own
+  aggregated by ``rl.reward_aggregation`` (mean | wco | uwo); the RM keeps its own
   tokenizer (text is re-tokenized), so it may differ from the policy's;
 - ``gold``: the task's hidden gold reward (benchmarks, tests, verifiable tasks);
-- ``callable``: ``policy.reward_fn = "package.module:function"``, called like TRL reward
+- ``callable``: ``rl.reward_fn = "package.module:function"``, called like TRL reward
   functions: ``fn(prompts=..., completions=..., **columns) -> list[float]``.
 """
 from __future__ import annotations
@@ -51,16 +51,17 @@ class CallableScorer:
 
     def __init__(self, path: str):
         self.path = path
-        import_callable(path, key="policy.reward_fn")  # fail fast
+        import_callable(path, key="rl.reward_fn")  # fail fast
 
     def __call__(self, prompts, completions, rows) -> torch.Tensor:
-        fn = import_callable(self.path, key="policy.reward_fn")
-        columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k != "prompt"}
+        fn = import_callable(self.path, key="rl.reward_fn")
+        # dataset columns only: keys starting with "_" are the pipeline's (e.g. a row's source line)
+        columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k != "prompt" and not k.startswith("_")}
         out = fn(prompts=list(prompts), completions=list(completions), **columns)
         t = torch.as_tensor([float(x) for x in out], dtype=torch.float32)
         if t.shape[0] != len(completions):
             raise ConfigError(f"returned {t.shape[0]} rewards for {len(completions)} completions",
-                              where="policy.reward_fn")
+                              where="rl.reward_fn")
         return t
 
 
@@ -70,10 +71,10 @@ def reward_model_source(cfg, inputs, task) -> Scorer:
 
     if "reward" not in inputs:
         raise ConfigError("reward_source=reward_model needs a reward stage as input `reward`",
-                          where="policy.reward_source",
-                          fix="add `reward: rm` to the policy stage's inputs, or use reward_source=gold")
-    return RewardModelScorer(RewardScorer.from_artifact(inputs["reward"], aggregation=cfg.policy.reward_aggregation,
-                                                        uwo_coef=cfg.policy.uwo_coef))
+                          where="rl.reward_source",
+                          fix="add `reward: rm` to the rl stage's inputs, or use reward_source=gold")
+    return RewardModelScorer(RewardScorer.from_artifact(inputs["reward"], aggregation=cfg.rl.reward_aggregation,
+                                                        uwo_coef=cfg.rl.uwo_coef))
 
 
 @REWARD_SOURCES.register("gold")
@@ -83,7 +84,7 @@ def gold_source(cfg, inputs, task) -> Scorer:
 
 @REWARD_SOURCES.register("callable")
 def callable_source(cfg, inputs, task) -> Scorer:
-    return CallableScorer(cfg.policy.reward_fn)
+    return CallableScorer(cfg.rl.reward_fn)
 
 
 @functools.lru_cache(maxsize=32)
@@ -107,4 +108,4 @@ def import_callable(path: str | None, *, key: str) -> Callable:
 
 
 def build_scorer(cfg, inputs, task) -> Scorer:
-    return REWARD_SOURCES.get(cfg.policy.reward_source, key="policy.reward_source")(cfg, inputs, task)
+    return REWARD_SOURCES.get(cfg.rl.reward_source, key="rl.reward_source")(cfg, inputs, task)

@@ -4,20 +4,20 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 
+from pipeline.config import plain
 from pipeline.tracking import build_loggers
 
 log = logging.getLogger("pipeline")
 
-if TYPE_CHECKING:
-    from pipeline.stages.base import MetricsHook
-# pipeline.stages is imported lazily: ddp_spawn workers unpickle the callbacks below first,
-# and importing pipeline.stages (every stage module) from here would be circular.
+#: hook(stage_name, step, metrics) - receives intermediate metrics; may raise to stop
+#: the run (e.g. optuna.TrialPruned)
+MetricsHook = Callable[[str, int, dict], None]
 
 
 class MetricsHookCallback(Callback):
@@ -84,8 +84,6 @@ def trained_steps(trainer) -> int:
 def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_steps: int = -1,
                   accumulate_grad_batches: int = 1, hook: MetricsHook | None = None, checkpoint: bool = False,
                   callbacks: list[Callback] | None = None, gradient_clip: bool = True, **kwargs) -> L.Trainer:
-    from pipeline.stages.base import plain
-
     tcfg = cfg.trainer
     if tcfg.num_threads:
         torch.set_num_threads(int(tcfg.num_threads))

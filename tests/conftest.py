@@ -30,21 +30,9 @@ TINY = [
 
 def compose(overrides: list[str], root: Path, run: str = "run"):
     """Compose the pipeline config like ``python -m pipeline`` would, rooted at ``root``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from pipeline.config import compose as compose_config
 
-    from pipeline.config.schema import register_configs
-    from pipeline.run import CONF_DIR
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(
-            "config",
-            overrides=[f"paths.root_dir={root}", f"paths.output_dir={root}/outputs/runs/{run}"] + list(overrides),
-        )
-    return cfg
+    return compose_config(list(overrides), root=root, output_dir=Path(root) / "outputs" / "runs" / run)
 
 
 @pytest.fixture

@@ -138,8 +138,9 @@ def test_non_finite_loss_stops_the_stage(tmp_path):
 
 
 @pytest.mark.parametrize("override,where,fragment", [
-    ("pipeline.stages.0.kind=sftt", "pipeline.stages[0].kind", "unknown stage kind 'sftt'; choose one of:"),
-    ("pipeline.stages.1.inputs.policy=eval", "pipeline.stages[1].inputs.policy",
+    ("pipeline.stages.0.kind=sftt", "pipeline.stages[0].kind",
+     "unknown stage kind 'sftt' (did you mean 'sft'?); choose one of:"),
+    ("pipeline.stages.1.inputs.policy=eval", "pipeline.stages[1] (rm).inputs.policy",
      "input policy='eval' does not name an earlier stage"),
 ])
 def test_bad_stage_graph_fails_before_anything_runs(override, where, fragment, tmp_path):

@@ -42,8 +42,9 @@ class TaskConfig:
     label_noise: float = 0.0
     #: quality knob of the demonstration policy in [0, 1] (low leaves RL headroom)
     demo_quality: float = 0.3
-    #: task-specific options (see each task's docstring)
-    options: Dict[str, Any] = field(default_factory=dict)
+    #: task-specific options, typed by the task's ``Options`` dataclass (composed from the
+    #: ``task_options/<name>`` schema, so a misspelt option is an error naming the key)
+    options: Any = None
 
 
 @dataclass
@@ -171,7 +172,7 @@ class AlgorithmConfig:
 
     Batch sizes, in one place (per rank; DDP multiplies by the world size):
 
-    - ``policy.prompts_per_step`` = P prompts are sampled per rollout step;
+    - ``rl.prompts_per_step`` = P prompts are sampled per rollout step;
     - ``num_generations`` = G completions per prompt, so a rollout batch holds
       B = P x G sequences (group estimators - grpo, dr_grpo, rloo, reinforce_pp_baseline -
       compare the G completions of a prompt and need G >= 2);
@@ -231,8 +232,8 @@ class AlgorithmConfig:
 
 
 @dataclass
-class PolicyConfig:
-    """The online RL training loop (any algorithm)."""
+class RLConfig:
+    """The online RL stage (kind ``rl``): the training loop shared by every algorithm."""
 
     #: reward_model (upstream reward stage) | gold (the task's hidden reward) | callable
     reward_source: str = "reward_model"
@@ -247,7 +248,7 @@ class PolicyConfig:
     total_steps: int = 50
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, scheduler="constant_with_warmup",
                                                                    warmup_ratio=0.0))
-    #: prompts: null path = the task's ``rl`` split; else a file with a ``prompt`` column
+    #: prompts: null path = the task's ``rl`` split; else a prompt-only file (``prompt`` column)
     data: DataConfig = field(default_factory=DataConfig)
     #: held-out evaluation (gold / proxy / KL) every N steps; 0 = off
     eval_every: int = 10
@@ -264,10 +265,14 @@ class PolicyConfig:
 class StageSpec:
     #: unique name of the stage in this pipeline (used as input reference)
     name: str = MISSING
-    #: stage kind from the stage registry: sft | reward | evaluate | ...
+    #: stage kind from the stage registry: sft | reward | rl | evaluate | ...
     kind: str = MISSING
     #: role -> upstream stage name(s), e.g. {policy: sft} or {policies: [sft, ppo]}
     inputs: Dict[str, Any] = field(default_factory=dict)
+    #: settings for this stage only, in command-line syntax: config-group choices and keys,
+    #: e.g. [algorithm=grpo, algorithm.kl_coef=0.02]. Applied on top of the pipeline-wide
+    #: config; keys given on the command line still apply to every stage (see README).
+    overrides: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -325,7 +330,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     #: training seed (model init, data order, sampling); tasks have their own seed
     seed: int = 0
     #: recompute every stage even when a cached artifact matches
@@ -336,11 +341,23 @@ class Config:
     run_name: str = "${pipeline.name}"
     #: print a summary table at the end
     print_summary: bool = True
+    #: settings for one stage given on the command line: ``stages.<stage>.<key>=<value>``
+    #: (e.g. ``stages.ppo.algorithm.kl_coef=0.3``, or a group choice ``stages.ppo.algorithm=grpo``);
+    #: applied to that stage only, after everything else
+    stages: Dict[str, Any] = field(default_factory=dict)
+    #: the overrides this config was composed from (recorded by the entry points and
+    #: :func:`pipeline.config.compose`; stages with their own settings are composed on top of them)
+    overrides: List[str] = field(default_factory=list)
 
 
 def register_configs() -> None:
-    """Register the schema in Hydra's ConfigStore (idempotent)."""
+    """Register the schema in Hydra's ConfigStore (idempotent): ``config_schema`` and, per
+    built-in task, ``task_options/<task>`` (each ``conf/task/<task>.yaml`` composes its options from it)."""
     from hydra.core.config_store import ConfigStore
+
+    from pipeline.tasks import TASKS
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    for name, task_cls in TASKS.items():
+        cs.store(group="task_options", name=name, node=task_cls.Options)

@@ -8,8 +8,16 @@ from pipeline.data.collate import (
     tokenize_responses,
     tokenize_sft,
 )
-from pipeline.data.formats import FORMATS, load_preference_examples, load_sft_examples, split_common_prefix
+from pipeline.data.formats import (
+    FORMATS,
+    SOURCE,
+    load_preference_examples,
+    load_prompt_rows,
+    load_sft_examples,
+    split_common_prefix,
+)
 from pipeline.data.records import PreferenceExample, SFTExample
+from pipeline.data.splits import split_holdout
 
 __all__ = [
     "FORMATS",
@@ -18,10 +26,13 @@ __all__ = [
     "PreferenceExample",
     "SFTCollator",
     "SFTExample",
+    "SOURCE",
     "load_preference_examples",
+    "load_prompt_rows",
     "load_sft_examples",
     "seeded_generator",
     "split_common_prefix",
+    "split_holdout",
     "tokenize_pairs",
     "tokenize_responses",
     "tokenize_sft",

@@ -33,13 +33,16 @@ from pipeline.data.loading import Row, read_rows
 from pipeline.data.records import PreferenceExample, SFTExample
 from pipeline.errors import ConfigError, DataError
 
-FORMATS = ("auto", "language_modeling", "prompt_completion", "preference", "conversational")
+#: key of a prompt row holding its ``file:LINE`` (not a dataset column: not passed to reward functions)
+SOURCE = "_source"
+FORMATS = ("auto", "language_modeling", "prompt_completion", "preference", "conversational", "prompt_only")
 #: required columns of each shape ("messages" is the conversational SFT shape)
 SHAPES = {
     "preference": ("chosen", "rejected"),
     "prompt_completion": ("prompt", "completion"),
     "messages": ("messages",),
     "language_modeling": ("text",),
+    "prompt_only": ("prompt",),
 }
 EXPECTED = ("text (language_modeling); prompt, completion (prompt_completion); prompt, chosen, rejected "
             "or chosen, rejected (preference); messages (conversational)")
@@ -60,9 +63,10 @@ class DataSpec:
         return f"{self.path} ({self.key})"
 
 
-def data_spec(cfg) -> DataSpec:
-    """Validate the duck-typed data config (DictConfig, dataclass or namespace)."""
-    key = getattr(cfg, "key", None) or "data"
+def data_spec(cfg, key: str | None = None) -> DataSpec:
+    """Validate the duck-typed data config (DictConfig, dataclass or namespace); ``key`` is
+    its config key named in errors (default: ``cfg.key``, else ``data``)."""
+    key = key or getattr(cfg, "key", None) or "data"
     path = getattr(cfg, "path", None)
     if not path:
         raise ConfigError("no dataset path given", where=f"{key}.path",
@@ -83,9 +87,13 @@ def data_spec(cfg) -> DataSpec:
 
 
 # ----------------------------------------------------------------------------- public API
-def load_sft_examples(cfg, tokenizer=None) -> list[SFTExample]:
+def load_sft_examples(cfg, tokenizer=None, *, key: str | None = None) -> list[SFTExample]:
     """SFT examples from any supported format (``tokenizer`` renders conversational rows)."""
-    _, rows, shape = _load(cfg)
+    _, rows, shape = _load(cfg, key=key)
+    if shape == "prompt_only":
+        raise DataError(f"this is a prompt-only dataset (columns: {_cols(rows[0])}): it has no completions to "
+                        "fine-tune on", where=data_spec(cfg, key).source,
+                        fix="give SFT prompt + completion, text, messages or preference data")
     chat = ChatRenderer(tokenizer)
     if shape == "preference":
         return [SFTExample(p.prompt, p.chosen, where=p.where) for p in (_preference(r, chat, meta=False) for r in rows)]
@@ -93,17 +101,35 @@ def load_sft_examples(cfg, tokenizer=None) -> list[SFTExample]:
     return [convert(r, chat) for r in rows]
 
 
-def load_preference_examples(cfg, tokenizer=None) -> list[PreferenceExample]:
+def load_preference_examples(cfg, tokenizer=None, *, key: str | None = None) -> list[PreferenceExample]:
     """Preference pairs from a preference dataset (explicit or implicit prompt, text or chat)."""
-    _, rows, _ = _load(cfg, want="preference")
+    _, rows, _ = _load(cfg, want="preference", key=key)
     chat = ChatRenderer(tokenizer)
     return [_preference(r, chat) for r in rows]
 
 
-def _load(cfg, want: str | None = None) -> tuple[DataSpec, list[Row], str]:
-    spec = data_spec(cfg)
+def load_prompt_rows(cfg, *, key: str | None = None) -> list[dict]:
+    """Prompt rows for online RL: dicts with a string ``prompt`` plus the row's other columns
+    (passed to reward functions), from any dataset with a ``prompt`` column."""
+    spec, rows, _ = _load(cfg, key=key, detect=False)
+    out = []
+    for r in rows:
+        if "prompt" not in r.values:
+            raise DataError(f"row has no 'prompt' column (columns: {_cols(r)})", where=r.where,
+                            fix=f"prompt datasets need a 'prompt' column; rename one with {spec.key}.columns, "
+                                "e.g. {question: prompt}")
+        _text(r, "prompt")
+        out.append({**r.values, SOURCE: r.where})
+    return out
+
+
+def _load(cfg, want: str | None = None, key: str | None = None,
+          detect: bool = True) -> tuple[DataSpec, list[Row], str]:
+    spec = data_spec(cfg, key)
     rows = read_rows(spec.path, name=spec.name, split=spec.split, max_samples=spec.max_samples, key=spec.key)
     _rename(rows, spec)
+    if not detect:
+        return spec, rows, "prompt_only"
     shape = detect_shape(set(rows[0].values), spec)
     if want and shape != want:
         raise DataError(f"this is a {_label(shape)} dataset (columns: {_cols(rows[0])}), but preference training "

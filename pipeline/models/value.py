@@ -46,3 +46,22 @@ class ValueModel(torch.nn.Module):
                             use_cache=False)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return self.head(hidden).squeeze(-1).float()
+
+
+def build_critic(policy, tokenizer, reward_scorer=None, init: str = "reward") -> ValueModel:
+    """The PPO critic. ``init="reward"`` (N+ recipe): a copy of the reward model's first member,
+    when it shares the policy's tokenizer and architecture; otherwise (and for ``init="policy"``)
+    the policy's transformer with a zero head. A fallback from ``reward`` is logged."""
+    import logging
+
+    if init == "reward" and reward_scorer is not None:
+        member = reward_scorer.ensemble.members[0]
+        if reward_scorer.tokenizer.get_vocab() == tokenizer.get_vocab() and \
+                member.config.model_type == policy.config.model_type:
+            return ValueModel.from_reward_model(member)
+        logging.getLogger("pipeline").warning(
+            "critic: initialised from the policy, not the reward model (algorithm.value_init=reward), because the "
+            "reward model's %s differs from the policy's", "tokenizer" if reward_scorer.tokenizer.get_vocab()
+            != tokenizer.get_vocab() else f"architecture ({member.config.model_type} vs {policy.config.model_type})")
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    return ValueModel.from_policy(base)

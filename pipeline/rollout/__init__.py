@@ -6,6 +6,7 @@ from pipeline.rollout.engine import (
     RolloutEngine,
     SamplingParams,
     position_ids_from_mask,
+    reference_logprobs,
     sequence_logprobs,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "RolloutEngine",
     "SamplingParams",
     "position_ids_from_mask",
+    "reference_logprobs",
     "sequence_logprobs",
 ]

@@ -48,6 +48,7 @@ __all__ = [
     "RolloutEngine",
     "HFRolloutEngine",
     "sequence_logprobs",
+    "reference_logprobs",
     "position_ids_from_mask",
 ]
 
@@ -341,6 +342,28 @@ def sequence_logprobs(
         logp = logits - lse.unsqueeze(-1)
         entropy = -(logp.exp() * logp).sum(-1) * resp_mask
     return logprobs, entropy
+
+
+@torch.no_grad()
+def reference_logprobs(
+    policy: Any,
+    ref_model: Any | None,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_start: int,
+    temperature: float = 1.0,
+) -> Tensor:
+    """:func:`sequence_logprobs` under the reference policy, without gradient.
+
+    The reference is ``ref_model``, or, when it is ``None``, ``policy`` itself with its
+    LoRA adapters disabled (the PEFT reference: no second copy of the weights in memory).
+    """
+    if ref_model is not None:
+        return sequence_logprobs(ref_model, input_ids, attention_mask, response_start, temperature)
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError("reference_logprobs: no reference model given and the policy has no adapters to disable")
+    with policy.disable_adapter():
+        return sequence_logprobs(policy, input_ids, attention_mask, response_start, temperature)
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:

@@ -1,24 +1,31 @@
 """Stage interface and registry.
 
-A stage kind (``sft``, ``reward``, ``evaluate``, ...) is a class registered in
-``STAGES``. The runner gives it the full config, its ``StageSpec`` and the upstream
-artifacts it names in ``inputs``; the stage writes into a work directory and returns
-its final metrics. ``fingerprint_config`` returns the part of the config its output
-depends on, so the cache key changes exactly when the result could.
+A stage kind (``sft``, ``reward``, ``rl``, ``evaluate``, ...) is a class registered in
+``STAGES``. It declares, next to its code:
+
+- ``produces``: what its artifact holds (``policy``, ``reward_model``, ``evaluation``...);
+- ``roles``: the inputs it takes, each accepting some artifact types
+  (``{"policy": Role({"policy"}), "reward": Role({"reward_model"}, required=False)}``),
+  checked by the runner before anything runs;
+- ``config_keys``: the config sections its output depends on (its fingerprint);
+- ``headline``: the metrics the summary table shows for it.
+
+The runner gives it its effective config (the run's config plus the stage's own
+settings), its ``StageSpec`` and the upstream artifacts it names in ``inputs``; the
+stage writes into a work directory and returns its final metrics.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline.artifacts import Artifact
+from pipeline.config import plain
 from pipeline.registry import Registry
-
-#: hook(stage_name, step, metrics) - receives intermediate metrics; may raise to stop
-#: the run (e.g. optuna.TrialPruned)
-MetricsHook = Callable[[str, int, dict], None]
+from pipeline.training import MetricsHook
 
 STAGES: Registry[type["Stage"]] = Registry("stage kind")
 
@@ -26,18 +33,34 @@ STAGES: Registry[type["Stage"]] = Registry("stage kind")
 _TRAINER_COSMETIC = ("enable_progress_bar", "log_every_n_steps")
 
 
-def plain(node: Any) -> Any:
-    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
+@dataclass(frozen=True)
+class Role:
+    """An input role of a stage kind: which artifact types it accepts."""
+
+    accepts: frozenset[str]
+    #: the stage cannot run without it (conditional needs are checked in ``validate``)
+    required: bool = True
+    #: takes a list of stages (``policies: [sft, ppo]``)
+    many: bool = False
+
+    def __init__(self, accepts, required: bool = True, many: bool = False):
+        object.__setattr__(self, "accepts", frozenset(accepts))
+        object.__setattr__(self, "required", required)
+        object.__setattr__(self, "many", many)
 
 
 class Stage:
     kind: ClassVar[str] = "base"
-    #: top-level config sections the output depends on (besides ``seed``)
+    #: artifact type this stage publishes
+    produces: ClassVar[str] = "none"
+    #: input role -> accepted artifact types
+    roles: ClassVar[dict[str, Role]] = {}
+    #: config sections the output depends on (besides ``seed``)
     config_keys: ClassVar[tuple[str, ...]] = ()
     #: ``task`` fields this stage never reads (changing them keeps its cache)
     ignored_task_fields: ClassVar[tuple[str, ...]] = ()
+    #: metrics shown in the summary table (prefix matches with a trailing ``/``)
+    headline: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig, spec, inputs: dict[str, Any], hook: MetricsHook | None = None,
                  run_dir: Path | None = None):

@@ -9,14 +9,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.algorithms.reward_losses import bradley_terry_loss
-from pipeline.data import load_preference_examples, seeded_generator
+from pipeline.data import PairCollator, load_preference_examples, seeded_generator, split_holdout, tokenize_pairs
 from pipeline.errors import ConfigError, DataError
 from pipeline.models.loading import count_parameters, load_tokenizer, resolve_tokenizer
-from pipeline.data import PairCollator, tokenize_pairs
 from pipeline.models.reward import META, RewardEnsemble, RewardScorer, load_sequence_classifier
 from pipeline.modules.reward import RewardModule
-from pipeline.stages.base import STAGES, Stage
-from pipeline.stages.sft import split_holdout, with_key
+from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
 from pipeline.training import RecordSteps, build_trainer, trained_steps
 
@@ -26,8 +24,24 @@ INIT_CHOICES = ("sft", "model")
 @STAGES.register("reward")
 class RewardStage(Stage):
     kind = "reward"
+    produces = "reward_model"
+    #: the SFT policy is the backbone with reward.init_from=sft (the default)
+    roles = {"policy": Role({"policy"}, required=False)}
     config_keys = ("task", "reward", "trainer")
     ignored_task_fields = ("num_train_prompts", "num_eval_prompts")
+    headline = ("val/accuracy", "val/loss", "train/pairs")
+
+    @classmethod
+    def validate(cls, cfg, spec) -> None:
+        rcfg = cfg.reward
+        if rcfg.init_from not in INIT_CHOICES:
+            raise ConfigError(f"unknown value {rcfg.init_from!r}; choose one of {INIT_CHOICES}", where="reward.init_from")
+        if rcfg.init_from == "sft" and "policy" not in spec.inputs:
+            raise ConfigError(f"stage {spec.name!r} starts from the SFT policy (reward.init_from=sft) but has no "
+                              "`policy` input", where=f"pipeline.stages.{spec.name}.inputs",
+                              fix="add `policy: sft`, or set reward.init_from=model with reward.model.*")
+        if rcfg.ensemble_size < 1:
+            raise ConfigError("must be >= 1", where="reward.ensemble_size")
 
     @classmethod
     def fingerprint_config(cls, cfg, spec) -> dict:
@@ -40,8 +54,6 @@ class RewardStage(Stage):
     # ------------------------------------------------------------------ model
     def _members(self, k_members: int):
         rcfg = self.cfg.reward
-        if rcfg.init_from not in INIT_CHOICES:
-            raise ConfigError(f"unknown value {rcfg.init_from!r}; choose one of {INIT_CHOICES}", where="reward.init_from")
         if rcfg.init_from == "sft":
             src = self.input("policy").model_dir
             tokenizer = load_tokenizer(str(src), key="reward.init_from")
@@ -67,7 +79,7 @@ class RewardStage(Stage):
     def _data(self, tokenizer):
         rcfg = self.cfg.reward
         if rcfg.data.path:
-            examples = load_preference_examples(with_key(rcfg.data, "reward.data"), tokenizer=tokenizer)
+            examples = load_preference_examples(rcfg.data, tokenizer=tokenizer, key="reward.data")
             train, val = split_holdout(examples, rcfg.data.eval_fraction, self.cfg.seed)
             reference = [(e.prompt, e.chosen) for e in train] + [(e.prompt, e.rejected) for e in train]
             return train, val, reference
@@ -79,8 +91,6 @@ class RewardStage(Stage):
 
     def run(self, work_dir: Path) -> dict:
         rcfg = self.cfg.reward
-        if rcfg.ensemble_size < 1:
-            raise ConfigError("must be >= 1", where="reward.ensemble_size")
         members, tokenizer, max_length = self._members(rcfg.ensemble_size)
         train, val, reference = self._data(tokenizer)
         if not train:

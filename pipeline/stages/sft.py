@@ -3,34 +3,26 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import SFTCollator, load_sft_examples, seeded_generator, tokenize_sft
+from pipeline.data import SFTCollator, load_sft_examples, seeded_generator, split_holdout, tokenize_sft
 from pipeline.errors import DataError
 from pipeline.models.loading import count_parameters, resolve_tokenizer, save_pretrained
 from pipeline.models.policy import apply_lora, base_policy
 from pipeline.modules.sft import SFTModule, heldout_nll
-from pipeline.stages.base import STAGES, Stage, plain
+from pipeline.stages.base import STAGES, Stage
 from pipeline.tasks import build_task
 from pipeline.training import RecordSteps, build_trainer, trained_steps
-
-
-
-def split_holdout(examples: list, fraction: float, seed: int) -> tuple[list, list]:
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(examples), generator=g).tolist()
-    n_val = max(1, int(round(len(examples) * fraction))) if fraction > 0 and len(examples) > 1 else 0
-    val = [examples[i] for i in perm[:n_val]]
-    train = [examples[i] for i in perm[n_val:]]
-    return train, val
 
 
 @STAGES.register("sft")
 class SFTStage(Stage):
     kind = "sft"
+    produces = "policy"
+    roles = {}
     config_keys = ("task", "model", "sft", "trainer")
     ignored_task_fields = ("num_pref_prompts", "num_eval_prompts", "bt_beta", "label_noise")
+    headline = ("val/loss", "val/loss_init", "train/steps")
 
     def data(self):
         """(train, validation, tokenizer-corpus function): the user's file or the task's demos."""
@@ -38,7 +30,7 @@ class SFTStage(Stage):
         if dcfg.path:
             # a tokenizer only to render chat templates of conversational rows
             fmt_tok = resolve_tokenizer(cfg.model, lambda: ["a"])
-            examples = load_sft_examples(with_key(dcfg, "sft.data"), tokenizer=fmt_tok)
+            examples = load_sft_examples(dcfg, tokenizer=fmt_tok, key="sft.data")
             train, val = split_holdout(examples, dcfg.eval_fraction, cfg.seed)
             return train, val, lambda: [e.prompt + e.completion for e in examples]
         task = build_task(cfg.task)
@@ -83,11 +75,3 @@ class SFTStage(Stage):
         self.record["model"] = {"arch": trained.config.model_type, "parameters": count_parameters(trained)}
         return metrics
 
-
-def with_key(dcfg, key: str):
-    """A data config as a plain object carrying the config key used in error messages."""
-    d = plain(dcfg)
-    d["key"] = key
-    from types import SimpleNamespace
-
-    return SimpleNamespace(**d)

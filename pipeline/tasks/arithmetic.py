@@ -8,6 +8,7 @@ Options: ``max_operand`` (9), ``operators`` ("+").
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from typing import Sequence
@@ -19,14 +20,28 @@ _PROMPT_RE = re.compile(r"(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*$")
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
+@dataclasses.dataclass
+class ArithmeticOptions:
+    #: operands are drawn from [0, max_operand]
+    max_operand: int = 9
+    #: any of ``+-*``
+    operators: str = "+"
+
+
 @TASKS.register("arithmetic")
 class ArithmeticTask(Task):
     name = "arithmetic"
+    Options = ArithmeticOptions
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.max_operand = int(self.options.get("max_operand", 9))
-        self.operators = str(self.options.get("operators", "+"))
+        self.max_operand = int(self.options.max_operand)
+        self.operators = str(self.options.operators)
+        if not self.operators or set(self.operators) - set(_OPS):
+            from pipeline.errors import ConfigError
+
+            raise ConfigError(f"must be a non-empty string of {''.join(_OPS)}, got {self.operators!r}",
+                              where="task.options.operators")
         self.p_correct = 0.3 + 0.5 * float(cfg.demo_quality)
 
     def make_prompt(self, rng: random.Random) -> dict:

@@ -15,10 +15,11 @@ A task generates everything from seeds, so nothing is downloaded:
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
-from typing import Sequence
+from typing import Any, Sequence
 
 from pipeline.data.records import PreferenceExample, SFTExample
 from pipeline.registry import Registry
@@ -33,12 +34,44 @@ def split_seed(seed: int, split: str) -> int:
     return int(hashlib.sha256(f"{seed}:{split}".encode()).hexdigest()[:8], 16)
 
 
+@dataclasses.dataclass
+class NoOptions:
+    """A task without options."""
+
+
+def task_options(options_cls: type, given: Any, task: str):
+    """``options_cls`` filled from ``given`` (a mapping, a config node or an instance);
+    an unknown option is a ConfigError naming ``task.options.<key>`` and the closest option."""
+    from omegaconf import OmegaConf
+
+    from pipeline.errors import ConfigError
+    from pipeline.registry import closest
+
+    if isinstance(given, options_cls):
+        return given
+    if given is None:
+        given = {}
+    elif OmegaConf.is_config(given):
+        given = OmegaConf.to_container(given, resolve=True)
+    elif dataclasses.is_dataclass(given):
+        given = dataclasses.asdict(given)
+    valid = [f.name for f in dataclasses.fields(options_cls)]
+    for key in given:
+        if key not in valid:
+            near = closest(key, valid)
+            raise ConfigError(f"task {task!r} has no option {key!r}" + (f" (did you mean {near!r}?)" if near else "")
+                              + f"; its options: {', '.join(valid) or '(none)'}", where=f"task.options.{key}")
+    return options_cls(**dict(given))
+
+
 class Task:
     name: str = "base"
+    #: the task's options (``task.options.*``): defaults live here, once
+    Options: type = NoOptions
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.options = dict(getattr(cfg, "options", {}) or {})
+        self.options = task_options(self.Options, getattr(cfg, "options", None), self.name)
 
     # ----- to implement -------------------------------------------------------------
     def make_prompt(self, rng: random.Random) -> dict:

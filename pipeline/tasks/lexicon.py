@@ -19,6 +19,7 @@ Options: ``max_words`` (14), ``repeat_penalty`` (0.4).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -51,14 +52,23 @@ VOCABULARY = frozenset(TOPICS + ASPECTS + list(LEXICON) + NEUTRAL + CONNECTIVES)
 _PROMPT_RE = re.compile(r"review of the (\w+)")
 
 
+@dataclasses.dataclass
+class LexiconOptions:
+    #: responses longer than this lose 0.1 gold reward per extra word (rambling)
+    max_words: int = 14
+    #: gold reward lost per repeated sentiment word
+    repeat_penalty: float = 0.4
+
+
 @TASKS.register("lexicon")
 class LexiconTask(Task):
     name = "lexicon"
+    Options = LexiconOptions
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.max_words = int(self.options.get("max_words", 14))
-        self.repeat_penalty = float(self.options.get("repeat_penalty", 0.4))
+        self.max_words = int(self.options.max_words)
+        self.repeat_penalty = float(self.options.repeat_penalty)
         q = float(cfg.demo_quality)
         self.p_positive = 0.3 + 0.4 * q
         self.p_topic = 0.3 + 0.4 * q

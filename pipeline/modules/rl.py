@@ -40,11 +40,18 @@ from pipeline.algorithms import (
     whiten_rewards,
 )
 from pipeline.errors import TrainingError
-from pipeline.rollout.engine import HFRolloutEngine, RolloutBatch, SamplingParams, position_ids_from_mask, sequence_logprobs
+from pipeline.rollout.engine import (
+    HFRolloutEngine,
+    RolloutBatch,
+    SamplingParams,
+    position_ids_from_mask,
+    reference_logprobs,
+    sequence_logprobs,
+)
 
 
 class OnlineRLModule(L.LightningModule):
-    def __init__(self, policy, tokenizer, scorer: Callable, acfg, pcfg, *, ref_policy=None, value_model=None,
+    def __init__(self, policy, tokenizer, scorer: Callable, acfg, rcfg, *, ref_policy=None, value_model=None,
                  gold_fn: Callable | None = None, evaluate_fn: Callable | None = None, work_dir: Path | None = None,
                  grad_clip: float | None = 1.0, seed: int = 0):
         super().__init__()
@@ -54,7 +61,7 @@ class OnlineRLModule(L.LightningModule):
         self.value_model = value_model.train() if value_model is not None else None
         self.tokenizer = tokenizer
         self.scorer, self.gold_fn, self.evaluate_fn = scorer, gold_fn, evaluate_fn
-        self.acfg, self.pcfg = acfg, pcfg
+        self.acfg, self.rcfg = acfg, rcfg
         self.work_dir = Path(work_dir) if work_dir else None
         self.grad_clip = grad_clip
         self.seed = seed
@@ -77,17 +84,17 @@ class OnlineRLModule(L.LightningModule):
         groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
         if self.value_model is not None:
             groups.append({"params": list(self.value_model.parameters()),
-                           "lr": self.acfg.critic_lr or self.pcfg.optim.lr})
-        return configure_adamw(self, groups, self.pcfg.optim)
+                           "lr": self.acfg.critic_lr or self.rcfg.optim.lr})
+        return configure_adamw(self, groups, self.rcfg.optim)
 
     def on_fit_start(self):
         # each rank samples its own stream; same seed + rank -> same numbers
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed * 1009 + self.global_rank)
-        if self.evaluate_fn is not None and self.pcfg.eval_every > 0:
+        if self.evaluate_fn is not None and self.rcfg.eval_every > 0:
             self._evaluate()
 
     def on_fit_end(self):
-        if self.evaluate_fn is not None and self.pcfg.eval_every > 0 and self.rollout_step % self.pcfg.eval_every:
+        if self.evaluate_fn is not None and self.rcfg.eval_every > 0 and self.rollout_step % self.rcfg.eval_every:
             self._evaluate(step=self.rollout_step)
 
     # --------------------------------------------------------------- the step
@@ -105,7 +112,8 @@ class OnlineRLModule(L.LightningModule):
         ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
         with torch.no_grad():
             old_logp = rollout.logprobs
-            ref_logp = self._ref_logprobs(ids, attn, start)
+            # LoRA (no ref_policy): the reference is the policy with its adapters disabled
+            ref_logp = reference_logprobs(self.policy, self.ref_policy, ids, attn, start, self.acfg.temperature)
             kl = self.kl_fn(old_logp, ref_logp) * mask
             shaping = kl if self.acfg.kl_penalty == "reward" else torch.zeros_like(kl)
             token_rewards = token_level_rewards(scores, shaping, mask, self.kl_ctl.value)
@@ -140,7 +148,7 @@ class OnlineRLModule(L.LightningModule):
         self.rollout_step += 1
         self._log(metrics, len(rollout))
         self._log_completions(rollout, raw_scores)
-        if self.evaluate_fn is not None and self.pcfg.eval_every > 0 and self.rollout_step % self.pcfg.eval_every == 0:
+        if self.evaluate_fn is not None and self.rcfg.eval_every > 0 and self.rollout_step % self.rcfg.eval_every == 0:
             self._evaluate(step=self.rollout_step)
 
     # ------------------------------------------------------------- pieces
@@ -158,12 +166,6 @@ class OnlineRLModule(L.LightningModule):
                              self.acfg.reward_clip)
             baseline = b[rollout.group_index]
         return scores, raw, baseline
-
-    def _ref_logprobs(self, ids, attn, start):
-        if self.ref_policy is not None:
-            return sequence_logprobs(self.ref_policy, ids, attn, start, self.acfg.temperature)
-        with self.policy.disable_adapter():  # LoRA: reference = base model with adapters off
-            return sequence_logprobs(self.policy, ids, attn, start, self.acfg.temperature)
 
     def _values(self, ids, attn, start):
         values = self.value_model(ids, attn, position_ids=position_ids_from_mask(attn))
@@ -198,8 +200,8 @@ class OnlineRLModule(L.LightningModule):
                     m.update({"value/loss": vf_loss.detach(), **{f"value/{k}": v for k, v in vm.items()}})
                 m["policy/entropy"] = masked_mean(entropy.detach(), mask[mb])
                 if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {float(loss)} at rollout step {self.rollout_step}", where="policy",
-                                        fix="lower policy.optim.lr or algorithm.kl_coef, or set algorithm.reward_clip")
+                    raise TrainingError(f"loss became {float(loss)} at rollout step {self.rollout_step}", where="rl",
+                                        fix="lower rl.optim.lr or algorithm.kl_coef, or set algorithm.reward_clip")
                 opt.zero_grad()
                 self.manual_backward(loss)
                 if self.grad_clip:
@@ -241,10 +243,10 @@ class OnlineRLModule(L.LightningModule):
             logger.log_metrics(m, step=step)
 
     def _log_completions(self, rollout: RolloutBatch, scores: torch.Tensor) -> None:
-        every = self.pcfg.log_completions_every
+        every = self.rcfg.log_completions_every
         if not every or (self.rollout_step - 1) % every or not self.trainer.is_global_zero or self.work_dir is None:
             return
-        k = min(self.pcfg.num_completions_logged, len(rollout))
+        k = min(self.rcfg.num_completions_logged, len(rollout))
         gold = self.gold_fn(rollout.prompts[:k], rollout.completions[:k]) if self.gold_fn else None
         rows = [{"step": self.rollout_step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
                  "reward": float(scores[i]), **({"gold_reward": float(gold[i])} if gold is not None else {})}

@@ -13,8 +13,8 @@ from tests.conftest import TINY, compose
 
 ALGORITHMS = ["ppo", "grpo", "rloo", "remax", "reinforce_pp"]
 #: short runs against the gold reward: the algorithm, not the proxy RM, is under test
-SHORT = ["pipeline=rl_gold", "policy.reward_source=gold", "policy.total_steps=20", "policy.eval_every=0",
-         "policy.optim.lr=3e-4", "policy.log_completions_every=0",
+SHORT = ["pipeline=rl_gold", "rl.reward_source=gold", "rl.total_steps=20", "rl.eval_every=0",
+         "rl.optim.lr=3e-4", "rl.log_completions_every=0",
          # 256 held-out samples: the standard error of the mean gold reward is ~0.05
          "task.num_eval_prompts=64", "eval.num_samples=4"]
 
@@ -25,7 +25,7 @@ def workdir(tmp_path_factory):
 
 
 #: same number of sampled completions per step (64) for every algorithm
-SAMPLES = {"remax": ["policy.prompts_per_step=64"], "reinforce_pp": ["policy.prompts_per_step=64"]}
+SAMPLES = {"remax": ["rl.prompts_per_step=64"], "reinforce_pp": ["rl.prompts_per_step=64"]}
 
 
 def algo_overrides(algo: str) -> list[str]:
@@ -64,7 +64,7 @@ def test_algorithm_learns_over_seeds(workdir, algo, seed):
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
 def test_verifiable_task_exact_match_rises(workdir, algo):
     res = run(workdir, ["task=arithmetic", "task.num_train_prompts=3000", "task.num_eval_prompts=128",
-                        "sft.batch_size=32", "sft.max_epochs=10", f"algorithm={algo}", "policy.total_steps=60"],
+                        "sft.batch_size=32", "sft.max_epochs=10", f"algorithm={algo}", "rl.total_steps=60"],
               f"arith-{algo}")
     assert gold(res, "rl") > gold(res, "sft") + 0.1
 
@@ -78,8 +78,8 @@ def test_kl_coefficient_moves_kl(workdir):
 
 
 def test_same_seed_same_metrics(workdir):
-    a = run(workdir, ["algorithm=grpo", "policy.total_steps=4", "seed=11"], "repro-a")
-    b = run(workdir, ["algorithm=grpo", "policy.total_steps=4", "seed=11", "force=true"], "repro-b")
+    a = run(workdir, ["algorithm=grpo", "rl.total_steps=4", "seed=11"], "repro-a")
+    b = run(workdir, ["algorithm=grpo", "rl.total_steps=4", "seed=11", "force=true"], "repro-b")
     ma, mb = a["stages"]["rl"]["metrics"], b["stages"]["rl"]["metrics"]
     timing = lambda d: {k: v for k, v in d.items() if not k.startswith("perf/")}
     assert timing(ma) == timing(mb)
@@ -88,16 +88,16 @@ def test_same_seed_same_metrics(workdir):
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
 def test_every_trainable_parameter_changes_after_one_update(workdir, algo):
-    from pipeline.modules.policy import OnlineRLModule
-    from pipeline.stages.policy import PolicyStage
+    from pipeline.modules.rl import OnlineRLModule
+    from pipeline.stages.rl import RLStage
     from pipeline.stages.base import STAGES
 
     res = run(workdir, ["algorithm=rloo"], "rloo")  # cached: provides the SFT artifact
-    cfg = compose(TINY + SHORT + [f"algorithm={algo}", "policy.prompts_per_step=8"], workdir, "params")
+    cfg = compose(TINY + SHORT + [f"algorithm={algo}", "rl.prompts_per_step=8"], workdir, "params")
     from pipeline.artifacts import Artifact
 
     sft_dir = Path(cfg.paths.output_dir).parent / "rloo" / "stages" / "sft"
-    stage = PolicyStage(cfg, cfg.pipeline.stages[1], {"policy": Artifact.load(sft_dir.resolve())})
+    stage = RLStage(cfg, cfg.pipeline.stages[1], {"policy": Artifact.load(sft_dir.resolve())})
     captured = {}
 
     import lightning as L
@@ -123,7 +123,7 @@ def test_every_trainable_parameter_changes_after_one_update(workdir, algo):
 
 
 def test_batch_sizes_are_validated_up_front(make_cfg):
-    cfg = make_cfg(["algorithm=grpo", "policy.prompts_per_step=6", "algorithm.num_mini_batches=5"])
+    cfg = make_cfg(["algorithm=grpo", "rl.prompts_per_step=6", "algorithm.num_mini_batches=5"])
     with pytest.raises(ConfigError) as err:
         run_pipeline(cfg)
     assert "must divide the rollout batch" in str(err.value) and "6 x 4 = 24" in str(err.value)
@@ -142,8 +142,8 @@ def test_callable_reward_source(workdir, tmp_path, monkeypatch):
     mod = tmp_path / "my_rewards.py"
     mod.write_text("def short(prompts, completions, **cols):\n    return [-float(len(c)) for c in completions]\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    res = run(workdir, ["algorithm=rloo", "policy.reward_source=callable", "policy.reward_fn=my_rewards:short",
-                        "policy.total_steps=12"], "callable")
+    res = run(workdir, ["algorithm=rloo", "rl.reward_source=callable", "rl.reward_fn=my_rewards:short",
+                        "rl.total_steps=12"], "callable")
     m = res["stages"]["eval"]["metrics"]
     assert m["eval/rl/response_length"] < m["eval/sft/response_length"]
 
@@ -171,11 +171,11 @@ def test_reward_model_overoptimization_is_visible(tmp_path):
 def test_ppo_under_two_process_ddp(tmp_path):
     from tests.conftest import run_cli
 
-    out = run_cli(TINY + SHORT + ["algorithm=ppo", "trainer=ddp", "trainer.accelerator=cpu", "policy.total_steps=4",
-                                  "policy.prompts_per_step=8"], tmp_path)
+    out = run_cli(TINY + SHORT + ["algorithm=ppo", "trainer=ddp", "trainer.accelerator=cpu", "rl.total_steps=4",
+                                  "rl.prompts_per_step=8"], tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     arts = tmp_path / "outputs" / "artifacts"
-    assert len(list(arts.glob("policy-*"))) == 1
+    assert len(list(arts.glob("rl-*"))) == 1
     results = json.loads(next((tmp_path / "outputs" / "runs").glob("*/*/results.json")).read_text())
     assert results["stages"]["rl"]["metrics"]["train/steps"] == 4
 
@@ -183,8 +183,8 @@ def test_ppo_under_two_process_ddp(tmp_path):
 def test_lora_policy_keeps_base_weights_and_uses_adapters_off_as_reference(workdir):
     from safetensors.torch import load_file
 
-    res = run(workdir, ["algorithm=grpo", "policy.lora.enabled=true", "policy.lora.r=4", "policy.total_steps=6",
-                        "policy.optim.lr=3e-3"], "lora")
+    res = run(workdir, ["algorithm=grpo", "rl.lora.enabled=true", "rl.lora.r=4", "rl.total_steps=6",
+                        "rl.optim.lr=3e-3"], "lora")
     run_dir = Path(compose(TINY + SHORT, workdir, "lora").paths.output_dir)
     sft = load_file(run_dir / "stages" / "sft" / "model" / "model.safetensors")
     rl = load_file(run_dir / "stages" / "rl" / "model" / "model.safetensors")
