@@ -8,8 +8,8 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from pipeline.algorithms.preference_losses import logistic_nll
 from pipeline.registry import Registry
 
 ENSEMBLE_AGGREGATIONS: Registry = Registry("reward ensemble aggregation")
@@ -17,11 +17,12 @@ ENSEMBLE_AGGREGATIONS: Registry = Registry("reward ensemble aggregation")
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | None = None,
                        center_coef: float = 0.0, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean (optionally weighted) BT negative log-likelihood over pairs."""
+    """Mean (optionally weighted) BT negative log-likelihood over pairs: the shared pairwise-logistic
+    core :func:`~pipeline.algorithms.preference_losses.logistic_nll` at z = r_w − r_l − m."""
     diff = r_chosen - r_rejected
     if margin is not None:
         diff = diff - margin
-    loss = -F.logsigmoid(diff)
+    loss = logistic_nll(diff, label_smoothing=0.0)
     if center_coef:
         loss = loss + center_coef * (r_chosen + r_rejected) ** 2
     if weights is None:
