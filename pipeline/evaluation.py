@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -36,17 +36,17 @@ GoldFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
 @dataclass
 class SamplingSettings:
-    """How policies are sampled for evaluation (``eval.*`` or the RL stage's curve)."""
+    """How policies are sampled for evaluation (defaults: ``eval.*`` in the config schema)."""
 
-    max_new_tokens: int = 24
-    temperature: float = 1.0
-    top_p: float = 1.0
-    num_samples: int = 1
-    batch_size: int = 64
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    num_samples: int
+    batch_size: int
 
     @classmethod
     def from_config(cls, ecfg, **changes) -> "SamplingSettings":
-        base = {k: getattr(ecfg, k) for k in ("max_new_tokens", "temperature", "top_p", "num_samples", "batch_size")}
+        base = {f.name: getattr(ecfg, f.name) for f in fields(cls)}
         base.update(changes)
         return cls(**base)
 
@@ -154,7 +154,9 @@ class HeldOutEvaluator:
                  max_new_tokens: int, seed: int):
         self.tokenizer, self.prompts = tokenizer, list(prompts)
         self.gold, self.proxy, self.reference, self.seed = gold, proxy, reference, seed
-        self.settings = SamplingSettings(max_new_tokens=max_new_tokens)
+        # the curve: one sample per prompt from the policy's own distribution
+        self.settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, num_samples=1,
+                                         batch_size=64)
 
     def __call__(self, policy) -> dict:
         res = evaluate_policy(policy, self.tokenizer, self.prompts, self.settings, seed=self.seed, gold=self.gold,

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pipeline.config import CONF_DIR, stage_configs  # noqa: F401  (CONF_DIR: pu
 from pipeline.config.compose import check_renamed, open_sections
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.registry import closest
+from pipeline.tasks import build_task
 
 log = logging.getLogger("pipeline")
 
@@ -104,20 +106,51 @@ def _validate(cfg: DictConfig) -> dict[str, DictConfig]:
         kinds[spec.name] = spec.kind
     configs = stage_configs(cfg)
     for spec in stages:
+        build_task(configs[spec.name].task)  # typed task options (also ones added with +task.options.x=)
         STAGES.get(spec.kind).validate(configs[spec.name], spec)
     return configs
 
 
-def _resolve_inputs(spec, done: dict[str, Any]) -> tuple[dict, dict]:
-    arts, fps = {}, {}
-    for role, ref in spec.inputs.items():
-        if OmegaConf.is_list(ref) or isinstance(ref, list):
-            arts[role] = [done[n] for n in ref]
-            fps[role] = [done[n].fingerprint for n in ref]
-        else:
-            arts[role] = done[ref]
-            fps[role] = done[ref].fingerprint
-    return arts, fps
+@dataclass
+class PlannedStage:
+    """A stage with its effective config and fingerprint, known before anything runs."""
+
+    spec: Any
+    cfg: DictConfig
+    cls: type
+    #: the part of the config its output depends on (recorded in the manifest)
+    config: dict
+    #: input role -> fingerprint(s) of the upstream artifacts
+    input_fps: dict
+    fingerprint: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+def plan(cfg: DictConfig) -> list[PlannedStage]:
+    """Validate the pipeline and fingerprint every stage (a stage's fingerprint covers its own
+    effective settings and its inputs' fingerprints), without running anything."""
+    from pipeline.artifacts import fingerprint
+    from pipeline.stages import STAGES
+
+    configs = _validate(cfg)
+    fps: dict[str, str] = {}
+    out = []
+    for spec in cfg.pipeline.stages:
+        stage_cls = STAGES.get(spec.kind)
+        input_fps = {role: [fps[n] for n in ref] if OmegaConf.is_list(ref) or isinstance(ref, list) else fps[ref]
+                     for role, ref in spec.inputs.items()}
+        config = stage_cls.fingerprint_config(configs[spec.name], spec)
+        fps[spec.name] = fingerprint(spec.kind, config, input_fps)
+        out.append(PlannedStage(spec, configs[spec.name], stage_cls, config, input_fps, fps[spec.name]))
+    return out
+
+
+def _inputs(spec, done: dict[str, Any]) -> dict:
+    return {role: [done[n] for n in ref] if OmegaConf.is_list(ref) or isinstance(ref, list) else done[ref]
+            for role, ref in spec.inputs.items()}
 
 
 def run_pipeline(cfg: DictConfig, hook=None) -> dict:
@@ -130,11 +163,10 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
     """
     import lightning as L
 
-    from pipeline.artifacts import ArtifactStore, fingerprint, versions
-    from pipeline.stages import STAGES
+    from pipeline.artifacts import ArtifactStore, versions
 
     _setup_env()
-    configs = _validate(cfg)
+    stages = plan(cfg)
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -145,12 +177,8 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
     run_info: dict = {"seed": cfg.seed, "versions": versions(), "overrides": list(cfg.get("overrides") or []),
                       "stages": {}}
     done: dict[str, Any] = {}
-    for spec in cfg.pipeline.stages:
-        stage_cfg = configs[spec.name]
-        stage_cls = STAGES.get(spec.kind)
-        inputs, input_fps = _resolve_inputs(spec, done)
-        stage_config = stage_cls.fingerprint_config(stage_cfg, spec)
-        fp = fingerprint(spec.kind, stage_config, input_fps)
+    for st in stages:
+        spec, fp = st.spec, st.fingerprint
         t0 = time.time()
         with store.lock(spec.kind, fp):
             forced = cfg.force or spec.name in cfg.force_stages
@@ -160,10 +188,10 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
                 log.info("stage %s (%s): reusing %s", spec.name, spec.kind, art.path)
             else:
                 log.info("stage %s (%s): running -> %s", spec.name, spec.kind, store.path_for(spec.kind, fp))
-                L.seed_everything(stage_cfg.seed, workers=True, verbose=False)
-                stage = stage_cls(stage_cfg, spec, inputs, hook=hook, run_dir=run_dir)
-                manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in input_fps.items()},
-                            "config": stage_config, "seed": stage_cfg.seed,
+                L.seed_everything(st.cfg.seed, workers=True, verbose=False)
+                stage = st.cls(st.cfg, spec, _inputs(spec, done), hook=hook, run_dir=run_dir)
+                manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in st.input_fps.items()},
+                            "config": st.config, "seed": st.cfg.seed,
                             "overrides": [str(o) for o in (spec.get("overrides") or [])]}
                 with store.build(spec.kind, fp, manifest) as (work, record):
                     record["metrics"] = stage.run(work)
@@ -185,7 +213,7 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
         from pipeline.evaluation import read_evaluation
         from pipeline.summary import print_summary
 
-        headline = {s.name: STAGES.get(s.kind).headline for s in cfg.pipeline.stages}
+        headline = {st.name: st.cls.headline for st in stages}
         evaluations = {name: ev for name, art in done.items() if (ev := read_evaluation(art.path))}
         print_summary(results, run_info, run_dir, headline=headline, evaluations=evaluations)
     return results
