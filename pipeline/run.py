@@ -105,9 +105,18 @@ def _validate(cfg: DictConfig) -> dict[str, DictConfig]:
         _check_inputs(i, spec, stage_cls, kinds)
         kinds[spec.name] = spec.kind
     configs = stage_configs(cfg)
-    for spec in stages:
-        build_task(configs[spec.name].task)  # typed task options (also ones added with +task.options.x=)
-        STAGES.get(spec.kind).validate(configs[spec.name], spec)
+    for i, spec in enumerate(stages):
+        stage_cls, stage_cfg = STAGES.get(spec.kind), configs[spec.name]
+        build_task(stage_cfg.task)  # typed task options (also ones added with +task.options.x=)
+        want = stage_cls.algorithm_schema
+        if want is not None and OmegaConf.get_type(stage_cfg.get("algorithm")) is not want:
+            name = stage_cfg.algorithm.get("name") if OmegaConf.is_dict(stage_cfg.get("algorithm")) else None
+            raise ConfigError(f"algorithm={name} does not configure {spec.kind} stages (it is a "
+                              f"{OmegaConf.get_type(stage_cfg.get('algorithm')).__name__} preset)",
+                              where=f"pipeline.stages[{i}] ({spec.name})",
+                              fix=f"choose an algorithm made for {spec.kind} stages, for this stage only with "
+                                  f"stages.{spec.name}.algorithm=... or its overrides in the pipeline file")
+        stage_cls.validate(stage_cfg, spec)
     return configs
 
 

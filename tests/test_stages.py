@@ -83,6 +83,14 @@ def test_command_line_key_applies_to_every_stage_and_targeting_one_stage_wins(tm
 def test_stage_group_choice_on_the_command_line(tmp_path):
     st = _stage_cfgs(tmp_path, ["stages.ppo.algorithm=rloo"])
     assert st["ppo"].cfg.algorithm.name == "rloo" and st["ppo"].cfg.algorithm.num_generations == 4
+    assert st["grpo"].cfg.algorithm.name == "grpo"
+    # a group chosen on the command line beats the pipeline file's choices (command line beats files) ...
+    st = _stage_cfgs(tmp_path, ["algorithm=grpo"])
+    assert {st[n].cfg.algorithm.name for n in ("ppo", "grpo", "rloo", "remax", "reinforce_pp")} == {"grpo"}
+    assert st["remax"].cfg.rl.prompts_per_step == 64  # the stage's own keys still apply
+    # ... and targeting one stage beats both
+    st = _stage_cfgs(tmp_path, ["algorithm=grpo", "stages.ppo.algorithm=ppo"])
+    assert st["ppo"].cfg.algorithm.name == "ppo" and st["rloo"].cfg.algorithm.name == "grpo"
 
 
 def test_changing_one_stage_changes_only_its_fingerprint_and_downstream(tmp_path):

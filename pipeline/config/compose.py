@@ -7,10 +7,11 @@ runs with. A stage's settings come from, in increasing precedence:
 
 1. the run's config (schema defaults, group choices, experiment presets);
 2. the stage entry's ``overrides`` in the pipeline file: a group choice there
-   (``algorithm=grpo``) replaces the run's choice *for that stage*, and its keys
+   (``algorithm=grpo``) replaces the run's default choice *for that stage*, and its keys
    (``algorithm.kl_coef=0.02``) override the run's presets;
-3. keys given on the command line (``algorithm.kl_coef=0.1``): they apply to every stage,
-   also over a stage's own file settings (the command line beats files, as in Hydra);
+3. the command line (``algorithm=nash_mp``, ``algorithm.kl_coef=0.1``): group choices and
+   keys given there apply to every stage, also over a stage's own file settings (the
+   command line beats files, as everywhere in Hydra);
 4. ``stages.<stage>.<key>=<value>`` on the command line: that one stage, after everything.
 """
 from __future__ import annotations
@@ -202,7 +203,10 @@ def stage_configs(cfg: DictConfig) -> dict[str, DictConfig]:
             if o.key_or_group in RUN_WIDE_GROUPS or o.key_or_group.split(".")[0] in ("paths", "stages", "overrides"):
                 raise ConfigError(f"{o.input_line!r} is a run-wide setting; a stage cannot set it for itself",
                                   where=where, fix="set it for the whole run (command line or experiment preset)")
-        stage_choices = [o.input_line for o in parsed if _is_group_choice(o)] + choices
+        cli_groups = {o.key_or_group for o in _run_overrides(cfg) if _is_group_choice(o)}
+        # a group chosen on the command line beats the pipeline file's choice for the stage
+        stage_choices = [o.input_line for o in parsed if _is_group_choice(o) and o.key_or_group not in cli_groups]
+        stage_choices += choices
         stage_keys = [o.input_line for o in parsed if not _is_group_choice(o)]
         if stage_choices or stage_keys:
             if not checked:

@@ -168,7 +168,8 @@ class EvalConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """Online policy optimisation: one config schema, presets in conf/algorithm/.
+    """Online policy optimisation (``rl`` stages): one config schema, presets in conf/algorithm/
+    (each composes ``algorithm_schema/rl``).
 
     Batch sizes, in one place (per rank; DDP multiplies by the world size):
 
@@ -329,7 +330,9 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    #: the algorithm preset (``algorithm=ppo``...): typed by the schema its option composes
+    #: (``algorithm_schema/rl`` for online RL; other stage kinds register their own)
+    algorithm: Any = None
     rl: RLConfig = field(default_factory=RLConfig)
     #: training seed (model init, data order, sampling); tasks have their own seed
     seed: int = 0
@@ -359,5 +362,6 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(group="algorithm_schema", name="rl", node=AlgorithmConfig)
     for name, task_cls in TASKS.items():
         cs.store(group="task_options", name=name, node=task_cls.Options)

@@ -61,6 +61,9 @@ class Stage:
     ignored_task_fields: ClassVar[tuple[str, ...]] = ()
     #: metrics shown in the summary table (prefix matches with a trailing ``/``)
     headline: ClassVar[tuple[str, ...]] = ()
+    #: the ``algorithm=`` schema this kind reads (None: it reads no ``algorithm`` section);
+    #: the runner rejects an algorithm preset made for another stage kind
+    algorithm_schema: ClassVar[type | None] = None
 
     def __init__(self, cfg: DictConfig, spec, inputs: dict[str, Any], hook: MetricsHook | None = None,
                  run_dir: Path | None = None):

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, requirements
 from pipeline.config import plain
+from pipeline.config.schema import AlgorithmConfig
 from pipeline.data import load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
@@ -70,6 +71,7 @@ class RLStage(Stage):
     ignored_task_fields = ("num_pref_prompts", "label_noise", "bt_beta", "num_eval_prompts")
     headline = ("rollout/reward_mean", "rollout/gold_reward", "policy/kl", "eval/gold_reward", "eval/proxy_reward",
                 "eval/kl", "train/steps")
+    algorithm_schema = AlgorithmConfig
 
     @classmethod
     def validate(cls, cfg, spec) -> None:
