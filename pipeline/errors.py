@@ -41,3 +41,19 @@ class DataError(PipelineError):
 
 class TrainingError(PipelineError):
     """Training diverged (NaN/inf loss) or could not proceed."""
+
+
+class Interrupted(PipelineError):
+    """The run was stopped by a signal (SIGTERM, SIGINT / Ctrl-C)."""
+
+    #: shell convention: 128 + signal number
+    EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
+
+    def __init__(self, signal_name: str):
+        self.signal_name = signal_name
+        super().__init__(f"interrupted by {signal_name}; nothing of the unfinished stage was published",
+                         fix="rerun the same command: finished stages are reused from the cache")
+
+    @property
+    def exit_code(self) -> int:
+        return self.EXIT_CODES.get(self.signal_name, 2)

@@ -10,10 +10,13 @@ reused, versions, seed).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR, stage_configs  # noqa: F401  (CONF_DIR: public, used by callers)
 from pipeline.config.compose import check_renamed, open_sections
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, Interrupted, PipelineError
 from pipeline.registry import closest
 from pipeline.tasks import build_task
 
@@ -117,6 +120,8 @@ def _validate(cfg: DictConfig) -> dict[str, DictConfig]:
                               fix=f"choose an algorithm made for {spec.kind} stages, for this stage only with "
                                   f"stages.{spec.name}.algorithm=... or its overrides in the pipeline file")
         stage_cls.validate(stage_cfg, spec)
+    for spec in stages:  # data files last: a config mistake is reported without reading any file
+        STAGES.get(spec.kind).check_data(configs[spec.name], spec)
     return configs
 
 
@@ -162,62 +167,94 @@ def _inputs(spec, done: dict[str, Any]) -> dict:
             for role, ref in spec.inputs.items()}
 
 
+#: metric prefixes that measure the machine, not the result: kept in run.json, not results.json
+TIMING_PREFIXES = ("perf/",)
+
+
 def run_pipeline(cfg: DictConfig, hook=None) -> dict:
     """Run every stage of ``cfg.pipeline`` and return ``results`` (also saved as JSON).
 
     ``cfg`` comes from :func:`pipeline.config.compose` (or the command line).
     ``hook(stage_name, step, metrics)`` receives intermediate metrics during training
     stages; an exception it raises (e.g. ``optuna.TrialPruned``) stops the run and
-    nothing half-finished is published.
+    nothing half-finished is published. SIGTERM / SIGINT stop it the same way
+    (:class:`pipeline.errors.Interrupted`).
     """
-    import lightning as L
-
-    from pipeline.artifacts import ArtifactStore, versions
-
     _setup_env()
     stages = plan(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    store = ArtifactStore(cfg.paths.artifact_dir)
-    store.clean_tmp()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    except OSError as err:
+        raise _write_error(err, run_dir) from None
+    with _run_log(run_dir), interrupts_as_errors():
+        try:
+            return _run_stages(cfg, stages, run_dir, hook)
+        except BaseException as err:
+            log.error("run failed: %s", err.render() if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}")
+            raise
 
+
+def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook) -> dict:
+    import lightning as L
+
+    from pipeline.artifacts import ArtifactStore, runtime_info, versions
+
+    store = ArtifactStore(cfg.paths.artifact_dir, verify=cfg.cache.verify, lock_timeout_s=cfg.cache.lock_timeout_s)
+    store.clean_tmp()
     results: dict = {"pipeline": cfg.pipeline.name, "seed": cfg.seed, "stages": {}}
-    run_info: dict = {"seed": cfg.seed, "versions": versions(), "overrides": list(cfg.get("overrides") or []),
-                      "stages": {}}
+    run_info: dict = {"seed": cfg.seed, "versions": versions(), "runtime": runtime_info(),
+                      "overrides": list(cfg.get("overrides") or []), "stages": {}}
     done: dict[str, Any] = {}
     for st in stages:
         spec, fp = st.spec, st.fingerprint
         t0 = time.time()
-        with store.lock(spec.kind, fp):
-            forced = cfg.force or spec.name in cfg.force_stages
-            art = None if forced else store.lookup(spec.kind, fp)
-            reused = art is not None
-            if reused:
-                log.info("stage %s (%s): reusing %s", spec.name, spec.kind, art.path)
-            else:
-                log.info("stage %s (%s): running -> %s", spec.name, spec.kind, store.path_for(spec.kind, fp))
-                L.seed_everything(st.cfg.seed, workers=True, verbose=False)
-                stage = st.cls(st.cfg, spec, _inputs(spec, done), hook=hook, run_dir=run_dir)
-                manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in st.input_fps.items()},
-                            "config": st.config, "seed": st.cfg.seed,
-                            "overrides": [str(o) for o in (spec.get("overrides") or [])]}
-                with store.build(spec.kind, fp, manifest) as (work, record):
-                    record["metrics"] = stage.run(work)
-                    record.update(stage.record)
-                art = store.lookup(spec.kind, fp)
-                if art is None:  # non-zero rank under torchrun: rank 0 published it
-                    raise RuntimeError(f"artifact for stage {spec.name} missing after build")
+        forced = cfg.force or spec.name in cfg.force_stages
+        art = None if forced else store.lookup(spec.kind, fp)  # no lock: a read-only cache works
+        reused = art is not None
+        if not reused:
+            with store.lock(spec.kind, fp):
+                art = None if forced else store.lookup(spec.kind, fp)  # built meanwhile by another process?
+                reused = art is not None
+                if not reused:
+                    log.info("stage %s (%s): running -> %s", spec.name, spec.kind, store.path_for(spec.kind, fp))
+                    L.seed_everything(st.cfg.seed, workers=True, verbose=False)
+                    stage = st.cls(st.cfg, spec, _inputs(spec, done), hook=hook, run_dir=run_dir)
+                    manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in st.input_fps.items()},
+                                "config": st.config, "seed": st.cfg.seed,
+                                "overrides": [str(o) for o in (spec.get("overrides") or [])]}
+                    with store.build(spec.kind, fp, manifest) as (work, record):
+                        record["metrics"] = stage.run(work)
+                        record.update(stage.record)
+                    art = store.lookup(spec.kind, fp)
+                    if art is None:  # non-zero rank under torchrun: rank 0 published it
+                        raise RuntimeError(f"artifact for stage {spec.name} missing after build")
+        if reused:
+            log.info("stage %s (%s): reusing %s", spec.name, spec.kind, art.path)
+            built = art.manifest.get("runtime", {}).get("torch_threads")
+            if built is not None and built != runtime_info()["torch_threads"]:
+                log.info("stage %s: reused an artifact built with %s torch threads (now %s): numbers may differ "
+                         "from a fresh build in the last digits; pin trainer.num_threads to make it part of the key",
+                         spec.name, built, runtime_info()["torch_threads"])
         done[spec.name] = art
-        _link(run_dir / "stages" / spec.name, art.path)
-        results["stages"][spec.name] = {"kind": spec.kind, "fingerprint": fp, "metrics": art.metrics}
+        metrics = {k: v for k, v in art.metrics.items() if not k.startswith(TIMING_PREFIXES)}
+        results["stages"][spec.name] = {"kind": spec.kind, "fingerprint": fp, "metrics": metrics}
         run_info["stages"][spec.name] = {"reused": reused, "seconds": round(time.time() - t0, 3),
-                                         "artifact": str(art.path)}
+                                         "artifact": str(art.path),
+                                         "timings": {k: v for k, v in art.metrics.items() if k.startswith(TIMING_PREFIXES)}}
+        try:
+            _link(run_dir / "stages" / spec.name, art.path)
+        except OSError as err:
+            raise _write_error(err, run_dir) from None
         if hook is not None:
             hook(spec.name, -1, dict(art.metrics))
 
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
+    try:
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, allow_nan=False))
+        (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
+    except OSError as err:
+        raise _write_error(err, run_dir) from None
     if cfg.print_summary:
         from pipeline.evaluation import read_evaluation
         from pipeline.summary import print_summary
@@ -226,6 +263,54 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
         evaluations = {name: ev for name, art in done.items() if (ev := read_evaluation(art.path))}
         print_summary(results, run_info, run_dir, headline=headline, evaluations=evaluations)
     return results
+
+
+def _write_error(err: OSError, path: Path) -> PipelineError:
+    why = os.strerror(err.errno) if err.errno else str(err)
+    return PipelineError(f"cannot write the run directory {path}: {why}", where="paths.output_dir",
+                         fix="run from (or set PIPELINE_ROOT to) a writable directory with free space")
+
+
+@contextlib.contextmanager
+def _run_log(run_dir: Path):
+    """The run's own log file (``run.log``): stage progress, warnings, and the error that ended it."""
+    handler = None
+    try:
+        handler = logging.FileHandler(run_dir / "run.log")
+    except OSError:
+        pass
+    if handler is not None:
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+        handler.setLevel(logging.INFO)
+        log.addHandler(handler)
+        if log.level == logging.NOTSET or log.level > logging.INFO:
+            log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+
+
+@contextlib.contextmanager
+def interrupts_as_errors():
+    """SIGTERM and SIGINT raise :class:`Interrupted` (main thread only), so a stopped run
+    unwinds like a failed one: nothing half-published, the interruption logged, non-zero exit.
+    (Lightning would otherwise catch them and exit 0 on SIGTERM / 1 on Ctrl-C.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _link(link: Path, target: Path) -> None:
@@ -264,15 +349,46 @@ def _setup_env() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _check_output_root(args: list[str]) -> None:
+    """Hydra creates the run directory before any of our code runs: check that it can."""
+    if any(a.startswith(("hydra.run.dir", "hydra.sweep.dir")) for a in args):
+        return
+    root = Path(os.environ.get("PIPELINE_ROOT") or os.getcwd())
+    target = root / "outputs"
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    problem = None
+    if not probe.is_dir():
+        problem = f"{probe} is a file, not a directory"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problem = f"{probe} is not writable"
+    if problem:
+        raise PipelineError(f"cannot create the run directory under {target}: {problem}", where="paths.root_dir",
+                            fix="run from a writable directory, or set PIPELINE_ROOT to one")
+
+
+#: command-line flags after which the arguments are not a plain run (no pre-check)
+_NO_PRECHECK = ("-m", "--multirun", "--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion",
+                "-sc", "--resolve", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
+                "-cd", "--run", "-r")
+
+
 def main() -> None:
+    """``python -m pipeline [overrides]``. Every user error (config, data, interruption) ends
+    with one message on stderr and exit code 2 (130 / 143 when stopped by SIGINT / SIGTERM)."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    from pipeline.config import compose
     from pipeline.config.schema import register_configs
 
     args = sys.argv[1:]
     try:
         check_renamed(a for a in args if not a.startswith("-"))
+        _check_output_root(args)
+        if not any(a in _NO_PRECHECK or a.split("=", 1)[0] in _NO_PRECHECK for a in args):
+            compose(args)  # Hydra's own composition errors would exit 1 with its message: check first
     except PipelineError as err:
         report_error(err)
         sys.exit(2)
@@ -284,6 +400,9 @@ def main() -> None:
         cfg.overrides = list(HydraConfig.get().overrides.task)
         try:
             results = run_pipeline(cfg)
+        except Interrupted as err:
+            report_error(err)
+            sys.exit(err.exit_code)
         except PipelineError as err:
             report_error(err)
             sys.exit(2)

@@ -16,7 +16,7 @@ from tests.conftest import ROOT, TINY, run_cli
 
 GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
 #: options that need a value the default config cannot supply
-NEEDS = {("model", "pretrained"): ["model.name_or_path=/some/model"]}
+NEEDS = {("model", "pretrained"): ["model.name_or_path=some-org/some-model"]}
 
 
 def _options(group: str) -> list[str]:

@@ -29,8 +29,8 @@ from pipeline.registry import closest
 #: the Hydra config directory (conf/ at the repository root)
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
-#: old top-level names -> new ones (a clear error instead of a silent ignore)
-RENAMED_SECTIONS = {"policy": "rl"}
+#: old key prefixes -> new ones (a clear error instead of a silent ignore)
+RENAMED = {"policy": "rl", "sft.on_long_prompt": "sft.data.on_long_prompt"}
 #: groups a stage cannot choose for itself
 RUN_WIDE_GROUPS = ("pipeline", "paths", "hydra")
 
@@ -53,15 +53,15 @@ def _key_of(arg: str) -> str:
 
 
 def check_renamed(overrides: Iterable[str]) -> None:
-    """ConfigError for an override that uses a renamed section (``policy.total_steps=...``)."""
+    """ConfigError for an override that uses a renamed key (``policy.total_steps=...``)."""
     for arg in overrides:
         key = _key_of(str(arg))
         for path in (key, key.split(".", 2)[-1] if key.startswith("stages.") else ""):
-            head = path.split(".", 1)[0]
-            if head in RENAMED_SECTIONS:
-                new = RENAMED_SECTIONS[head] + path[len(head):]
-                raise ConfigError(f"'{path}' was renamed '{new}' (the online-RL section is now `{RENAMED_SECTIONS[head]}`)",
-                                  where=str(arg), fix=f"write {str(arg).replace(path, new, 1)}")
+            for old, new_prefix in RENAMED.items():
+                if path == old or path.startswith(old + "."):
+                    new = new_prefix + path[len(old):]
+                    raise ConfigError(f"'{path}' was renamed '{new}'", where=str(arg),
+                                      fix=f"write {str(arg).replace(path, new, 1)}")
 
 
 def open_sections(overrides: Iterable[str]) -> list[str]:
@@ -103,9 +103,72 @@ def compose(overrides: Sequence[str] = (), *, root: str | Path | None = None, ou
             f"paths.output_dir={_quote(output_dir if output_dir is not None else root / 'outputs/runs/manual')}"]
     if artifact_dir is not None:
         pins.append(f"paths.artifact_dir={_quote(artifact_dir)}")
-    cfg = _hydra_compose(open_sections(overrides) + pins)
+    try:
+        cfg = _hydra_compose(open_sections(overrides) + pins)
+    except Exception as err:  # Hydra's composition errors -> one line naming the key, with the closest valid one
+        explained = explain_compose_error(err, overrides)
+        if explained is None:
+            raise
+        raise explained from None
     cfg.overrides = overrides
     return cfg
+
+
+def _closest_hint(name: str, options) -> str:
+    near = closest(name, options)
+    return f" (did you mean {near!r}?)" if near else ""
+
+
+def explain_compose_error(err: Exception, overrides: Sequence[str]) -> ConfigError | None:
+    """A :class:`ConfigError` for a Hydra composition error (None if it is not one)."""
+    import re
+
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+
+    if not isinstance(err, HydraException):
+        return None
+    text = str(err)
+    first = text.splitlines()[0] if text else type(err).__name__
+    if isinstance(err, MissingConfigException):
+        m = re.search(r"Could not find '([\w/]+)/([^']+)'", text)
+        if m:
+            group, option = m.group(1), m.group(2)
+            options = [ln.strip() for ln in text.split("Available options in", 1)[-1].splitlines()[1:]
+                       if ln.startswith("\t") and "=" not in ln]
+            return ConfigError(f"no option {option!r} in group {group!r}{_closest_hint(option, options)}; "
+                               f"options: {', '.join(options)}", where=group,
+                               fix=f"pick one of the files in conf/{group}/")
+        return ConfigError(first, where="config", fix="check the config group and option names (python -m pipeline --help)")
+    if isinstance(err, OverrideParseException):
+        return ConfigError(f"cannot parse an override: {first}", where="command line",
+                           fix="use key=value; quote values with spaces or special characters, e.g. 'key=[a,b]'")
+    m = re.match(r"Could not override '([^']+)'", first)
+    if m:
+        key = m.group(1)
+        parts = key.split(".")
+        rest = [o for o in overrides if not str(o).lstrip("+~").startswith(key)]
+        try:
+            node = _hydra_compose(open_sections(rest))
+        except Exception:
+            node = None
+        parent: list[str] = []
+        for part in parts[:-1]:
+            if node is None or not OmegaConf.is_dict(node) or part not in node:
+                break
+            node = node[part]
+            parent.append(part)
+        missing = parts[len(parent)]
+        options = list(node.keys()) if node is not None and OmegaConf.is_dict(node) else []
+        where = ".".join(parent) or "the config"
+        return ConfigError(f"{where} has no key {missing!r}{_closest_hint(missing, options)}", where=key,
+                           fix="check the spelling against `python -m pipeline --cfg job`"
+                               + (f"; keys there: {', '.join(map(str, options))}" if options and len(options) <= 30 else ""))
+    m = re.match(r"Error merging override (\S+?)=", first)
+    if m:
+        cause = err.__cause__
+        detail = str(cause).splitlines()[0] if cause is not None else first
+        return ConfigError(detail, where=m.group(1), fix="give a value of the key's type (see `--cfg job`)")
+    return ConfigError(first, where="config")
 
 
 def _quote(value: Any) -> str:

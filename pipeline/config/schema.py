@@ -27,6 +27,16 @@ class PathsConfig:
 
 
 @dataclass
+class CacheConfig:
+    """How the shared artifact cache is used (not part of any stage's fingerprint)."""
+
+    #: check a cached artifact's files before reuse: hash (size + SHA-256) | size | none
+    verify: str = "hash"
+    #: seconds to wait for another process building the same stage (null = as long as it takes)
+    lock_timeout_s: Optional[float] = None
+
+
+@dataclass
 class TaskConfig:
     #: built-in task: ``lexicon`` (text, hidden gold reward) or ``arithmetic`` (verifiable)
     name: str = "lexicon"
@@ -59,6 +69,9 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
+    #: ``builtin``: build ``arch`` from scratch (or load ``name_or_path`` when set);
+    #: ``pretrained`` (``model=pretrained``): ``name_or_path`` is required
+    source: str = "builtin"
     #: hub id or local directory of a pretrained model; null = build ``arch`` from scratch
     name_or_path: Optional[str] = None
     #: built-in random-init architecture when name_or_path is null: ``gpt2`` or ``llama``
@@ -95,6 +108,8 @@ class DataConfig:
     max_samples: Optional[int] = None
     #: fraction held out for validation metrics
     eval_fraction: float = 0.1
+    #: a prompt longer than the model's budget: error (name its file:line) | drop | truncate_left
+    on_long_prompt: str = "error"
 
 
 @dataclass
@@ -119,8 +134,6 @@ class SFTConfig:
     max_steps: int = -1
     #: mask prompt tokens out of the loss (TRL's completion_only_loss)
     completion_only_loss: bool = True
-    #: what to do with prompts that do not fit model.max_length: error | drop
-    on_long_prompt: str = "error"
     #: keep a Lightning checkpoint (last.ckpt) in the stage's work directory
     checkpoint: bool = True
 
@@ -327,6 +340,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -30,7 +30,8 @@ from pipeline.errors import DataError
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 LONG_PROMPT_FIX = "raise model.max_length or shorten prompts"
-ON_LONG_PROMPT = ("error", "drop")
+#: what to do with a prompt longer than the model's budget (``<section>.data.on_long_prompt``)
+ON_LONG_PROMPT = ("error", "drop", "truncate_left")
 
 
 class _Encoder:
@@ -60,31 +61,47 @@ class _Encoder:
         return [ids if not p or ids[:len(p)] == p else p + ids for ids in self.encode(texts)]
 
 
-def _check_mode(on_long_prompt: str) -> None:
-    if on_long_prompt not in ON_LONG_PROMPT:
-        raise ValueError(f"on_long_prompt must be one of {ON_LONG_PROMPT}, got {on_long_prompt!r}")
+def check_on_long_prompt(mode: str, key: str = "data.on_long_prompt") -> None:
+    if mode not in ON_LONG_PROMPT:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"unknown value {mode!r}; choose one of {', '.join(ON_LONG_PROMPT)}", where=key)
 
 
-def _long_prompts(prompt_ids, limit: int, budget: str, where: str, on_long_prompt: str,
-                  sources: Sequence[str | None] | None = None) -> set[int]:
-    """Indices of prompts over ``limit`` tokens: DataError for the first, or dropped with a warning.
+def fit_prompts(prompt_ids: list[list[int]], limit: int, budget: str, where: str, on_long_prompt: str,
+                sources: Sequence[str | None] | None = None, prefix: Sequence[int] = ()) -> tuple[list, set[int]]:
+    """Apply ``on_long_prompt`` to prompts over ``limit`` tokens: ``(prompt_ids, dropped indices)``.
 
-    ``sources[i]`` (``file:LINE`` of a user's row) is named in the error when known.
+    ``error``: a DataError naming the first long prompt (``sources[i]`` = its ``file:LINE``
+    when known) and how many there are; ``drop``: their indices are returned (with a warning);
+    ``truncate_left``: they keep their last tokens (after the tokenizer's BOS ``prefix``).
+    ``where`` is the data section's config key (``sft.data``...), named in the fix.
     """
+    check_on_long_prompt(on_long_prompt, f"{where}.on_long_prompt")
     bad = [i for i, p in enumerate(prompt_ids) if len(p) > limit]
-    if bad and on_long_prompt == "error":
+    if not bad:
+        return prompt_ids, set()
+    if on_long_prompt == "error":
         i = bad[0]
-        key = f"{where.split('.')[0]}.on_long_prompt" if where.startswith("sft.") else "on_long_prompt"
-        drop = f" (or drop such rows: {key}=drop)" if budget.startswith("model.") else ""
         source = sources[i] if sources else None
-        raise DataError(f"{f'{where}: ' if source else f'example {i}: '}the prompt is {len(prompt_ids[i])} tokens, "
-                        f"but {budget} leaves room for at most {limit} prompt tokens "
-                        f"({len(bad)} of {len(prompt_ids)} prompts are too long)",
-                        where=source or where, fix=LONG_PROMPT_FIX + drop)
-    if bad:
+        key = f"{where}.on_long_prompt" if "." in where else "on_long_prompt"
+        raise DataError(f"{'' if source else f'example {i}: '}the prompt is {len(prompt_ids[i])} tokens, but {budget} "
+                        f"leaves room for at most {limit} prompt tokens ({len(bad)} of {len(prompt_ids)} prompts are "
+                        "too long)", where=source or where,
+                        fix=f"{LONG_PROMPT_FIX}, or set {key}=drop (skip them) or {key}=truncate_left (keep their end)")
+    if on_long_prompt == "drop":
         log.warning("%s: dropped %d of %d examples whose prompt exceeds %d tokens (%s)",
                     where, len(bad), len(prompt_ids), limit, budget)
-    return set(bad)
+        return prompt_ids, set(bad)
+    keep = max(limit - len(prefix), 0)
+    out = list(prompt_ids)
+    for i in bad:
+        p = out[i]
+        has_prefix = bool(prefix) and p[:len(prefix)] == list(prefix)
+        out[i] = (list(prefix) if has_prefix else []) + p[len(p) - keep:] if keep else p[:limit]
+    log.warning("%s: cut %d of %d prompts longer than %d tokens to their last tokens (%s)",
+                where, len(bad), len(prompt_ids), limit, budget)
+    return out, set()
 
 
 # ----------------------------------------------------------------------------- shuffling
@@ -115,13 +132,13 @@ def seeded_generator(seed: int) -> SeededGenerator:
 # ----------------------------------------------------------------------------- SFT
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_length: int, completion_only: bool = True,
                  where: str = "sft.data", on_long_prompt: str = "error") -> list[dict]:
-    """``[{"input_ids": [...], "labels": [...]}]``; prompts of >= ``max_length`` tokens error or are dropped."""
-    _check_mode(on_long_prompt)
+    """``[{"input_ids": [...], "labels": [...], "index": i}]`` (``index``: the example's position);
+    prompts of >= ``max_length`` tokens error, are dropped or cut from the left (``on_long_prompt``)."""
     enc = _Encoder(tokenizer, where)
     prompts = enc.prompts([e.prompt for e in examples])
     completions = enc.encode([e.completion for e in examples])
-    drop = _long_prompts(prompts, max_length - 1, f"model.max_length={max_length}", where, on_long_prompt,
-                         [getattr(e, "where", None) for e in examples])
+    prompts, drop = fit_prompts(prompts, max_length - 1, f"model.max_length={max_length}", where, on_long_prompt,
+                                [getattr(e, "where", None) for e in examples], enc.prefix)
     rows = []
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if i in drop:
@@ -130,7 +147,7 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_length: int, com
             c = c + [enc.eos]
         c = c[: max_length - len(p)]
         labels = ([IGNORE_INDEX] * len(p) if completion_only else list(p)) + c
-        rows.append({"input_ids": p + c, "labels": labels})
+        rows.append({"input_ids": p + c, "labels": labels, "index": i})
     return rows
 
 
@@ -185,14 +202,15 @@ def tokenize_responses(prompts: Sequence[str], responses: Sequence[str], tokeniz
     A prompt longer than ``max_length - 2`` tokens errors or (``drop``) gives ``None``.
     Training pairs and scoring at RL time both go through here, so they always agree.
     """
-    _check_mode(on_long_prompt)
+    check_on_long_prompt(on_long_prompt, f"{where}.on_long_prompt")
     if _uses_pair_encoding(tokenizer):
         enc = tokenizer(list(prompts), list(responses), truncation=True, max_length=max_length)["input_ids"]
         return [list(x) for x in enc], 0
     enc = _Encoder(tokenizer, where)
     p_ids = enc.prompts(list(prompts))
     r_ids = enc.encode(list(responses))
-    drop = _long_prompts(p_ids, max_length - 2, f"model.max_length={max_length}", where, on_long_prompt, sources)
+    p_ids, drop = fit_prompts(p_ids, max_length - 2, f"model.max_length={max_length}", where, on_long_prompt, sources,
+                              enc.prefix)
     out: list[list[int] | None] = []
     for i, (p, r) in enumerate(zip(p_ids, r_ids)):
         if i in drop:

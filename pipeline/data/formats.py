@@ -108,18 +108,27 @@ def load_preference_examples(cfg, tokenizer=None, *, key: str | None = None) -> 
     return [_preference(r, chat) for r in rows]
 
 
-def load_prompt_rows(cfg, *, key: str | None = None) -> list[dict]:
-    """Prompt rows for online RL: dicts with a string ``prompt`` plus the row's other columns
-    (passed to reward functions), from any dataset with a ``prompt`` column."""
+def load_prompt_rows(cfg, *, key: str | None = None, tokenizer=None) -> list[dict]:
+    """Prompt rows for online RL: dicts with the ``prompt`` plus the row's other columns
+    (passed to reward functions) and its ``file:LINE`` under :data:`SOURCE`. A ``prompt``
+    holding a list of ``{role, content}`` messages is rendered with ``tokenizer``'s chat
+    template and the generation prompt, exactly as SFT renders the prompt of a conversation
+    (without a tokenizer the messages are only checked)."""
     spec, rows, _ = _load(cfg, key=key, detect=False)
+    chat = ChatRenderer(tokenizer)
     out = []
     for r in rows:
         if "prompt" not in r.values:
             raise DataError(f"row has no 'prompt' column (columns: {_cols(r)})", where=r.where,
-                            fix=f"prompt datasets need a 'prompt' column; rename one with {spec.key}.columns, "
-                                "e.g. {question: prompt}")
-        _text(r, "prompt")
-        out.append({**r.values, SOURCE: r.where})
+                            fix=f"prompt datasets need a 'prompt' column (text or a list of messages); rename one "
+                                f"with {spec.key}.columns, e.g. {{question: prompt}}")
+        prompt = r.values["prompt"]
+        if _is_chat(prompt):
+            messages = _chat(r, "prompt")
+            prompt = chat._render(messages, r, True) if tokenizer is not None else messages
+        else:
+            prompt = _text(r, "prompt")
+        out.append({**r.values, "prompt": prompt, SOURCE: r.where})
     return out
 
 
@@ -170,6 +179,13 @@ def detect_shape(columns: set, spec: DataSpec) -> str:
     fix = f"rename columns with {spec.key}.columns, e.g. {example}, or set {spec.key}.format"
     if spec.format in ("auto", "conversational"):
         order = ("messages", "preference", "prompt_completion") if spec.format == "conversational" else tuple(SHAPES)
+        half = [c for c in SHAPES["preference"] if c in columns]
+        if len(half) == 1:  # one of chosen / rejected: a preference file missing the other
+            other = next(c for c in SHAPES["preference"] if c not in columns)
+            raise DataError(f"this looks like a preference dataset, but it has no {other!r} column (columns found: "
+                            f"{', '.join(sorted(columns))})", where=spec.source,
+                            fix=f"give every row a {other!r} response, or map the column holding it with "
+                                f"{spec.key}.columns, e.g. {{worse: rejected}}")
         for shape in order:
             if set(SHAPES[shape]) <= columns:
                 return shape

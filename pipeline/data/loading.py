@@ -97,6 +97,7 @@ def _read_jsonl(p: Path, max_samples: int | None) -> list[Row]:
             except UnicodeDecodeError as e:
                 raise DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})", where=f"{p}:{lineno}",
                                 fix="save the file as UTF-8") from None
+            line = line.rstrip("\r\n")  # an error at the end of the line is at its last column, not on the next line
             if not line.strip():
                 continue
             try:

@@ -39,7 +39,34 @@ def _hub_error(name: str, key: str, err: Exception) -> ConfigError:
     return ConfigError(f"cannot load {name!r}: {err}", where=key, fix="check that the directory holds a Hugging Face model")
 
 
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name in (".", "..") or os.path.exists(os.path.expanduser(name))
+
+
+def check_local(name: str | Path, key: str, *, needs: str = "config.json") -> None:
+    """For a local path: a clear error when it does not exist or is not a model directory
+    (instead of a hub error or a tokenizer backend's complaint)."""
+    name = str(name)
+    if not _looks_local(name):
+        return
+    path = Path(os.path.expanduser(name))
+    if not path.exists():
+        raise ConfigError(f"not found: {path} (a local path that does not exist)", where=key,
+                          fix="check the path; relative paths are resolved from the working directory")
+    if path.is_dir() and needs and not (path / needs).is_file():
+        have = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+        raise ConfigError(f"{path} is not a Hugging Face model directory: it has no {needs} (it holds: {have})",
+                          where=key, fix="point it at a directory saved with save_pretrained (config.json + weights)")
+
+
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, key: str = "model.tokenizer") -> PreTrainedTokenizerBase:
+    check_local(name_or_path, key, needs="")
+    if _looks_local(str(name_or_path)) and Path(os.path.expanduser(str(name_or_path))).is_dir() and not any(
+            (Path(os.path.expanduser(str(name_or_path))) / f).is_file()
+            for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "vocab.json")):
+        raise ConfigError(f"{name_or_path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, ...)",
+                          where=key, fix="save the tokenizer next to the model (tokenizer.save_pretrained) or set "
+                                         "model.tokenizer to one")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -75,6 +102,24 @@ def resolve_tokenizer(model_cfg, corpus_fn, key: str = "model") -> PreTrainedTok
     return prepare_tokenizer(tok, model_cfg.chat_template)
 
 
+MODEL_SOURCES = ("builtin", "pretrained")
+
+
+def check_model_config(model_cfg, key: str = "model") -> None:
+    """Fail fast on a model config: ``model=pretrained`` without ``name_or_path``, a local
+    path that does not exist or is not a model directory."""
+    source = model_cfg.get("source", "builtin") if hasattr(model_cfg, "get") else getattr(model_cfg, "source", "builtin")
+    if source not in MODEL_SOURCES:
+        raise ConfigError(f"unknown value {source!r}; choose one of {', '.join(MODEL_SOURCES)}", where=f"{key}.source")
+    if source == "pretrained" and not model_cfg.name_or_path:
+        raise ConfigError("model=pretrained needs the model to load", where=f"{key}.name_or_path",
+                          fix=f"set {key}.name_or_path=<hub id or local directory>")
+    if model_cfg.name_or_path:
+        check_local(model_cfg.name_or_path, f"{key}.name_or_path")
+    if model_cfg.tokenizer:
+        check_local(model_cfg.tokenizer, f"{key}.tokenizer", needs="")
+
+
 def build_causal_lm(model_cfg, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A random-init causal LM of ``model_cfg.arch`` sized for ``tokenizer``."""
     vocab = len(tokenizer)
@@ -103,6 +148,7 @@ def build_causal_lm(model_cfg, tokenizer: PreTrainedTokenizerBase) -> PreTrained
 def load_causal_lm(name_or_path: str | Path, *, trust_remote_code: bool = False, key: str = "model.name_or_path",
                    dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a causal LM from a hub id or local directory (safetensors preferred)."""
+    check_local(name_or_path, key)
     try:
         config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         fuse_activation(config)
@@ -133,6 +179,16 @@ def save_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase |
     model.save_pretrained(out_dir, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+
+
+def context_length(model) -> int:
+    """How many positions the model can attend to (prompt + completion)."""
+    config = model.config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -11,10 +11,11 @@ from pipeline.models.loading import (
 )
 
 
-def base_policy(model_cfg, corpus_fn: Callable[[], list[str]]):
+def base_policy(model_cfg, corpus_fn: Callable[[], list[str]], tokenizer=None):
     """(model, tokenizer) from ``model_cfg``: pretrained when ``name_or_path`` is set,
-    else a random-init ``arch`` with a tokenizer trained on ``corpus_fn()``."""
-    tokenizer = resolve_tokenizer(model_cfg, corpus_fn)
+    else a random-init ``arch`` with a tokenizer trained on ``corpus_fn()`` (or ``tokenizer``,
+    already resolved that way)."""
+    tokenizer = tokenizer if tokenizer is not None else resolve_tokenizer(model_cfg, corpus_fn)
     if model_cfg.name_or_path:
         model = load_causal_lm(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         if model.config.pad_token_id is None:

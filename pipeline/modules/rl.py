@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -50,10 +52,31 @@ from pipeline.rollout.engine import (
 )
 
 
+@dataclass
+class Experience:
+    """One rollout step's batch, ready for the update (all without gradient)."""
+
+    rollout: RolloutBatch
+    raw_scores: torch.Tensor
+    #: after EOS penalty, clipping, whitening
+    scores: torch.Tensor
+    mask: torch.Tensor
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor
+    #: per-token KL estimate (the configured estimator), 0 outside the mask
+    kl: torch.Tensor
+    token_rewards: torch.Tensor
+    old_values: torch.Tensor | None
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    gen_time_s: float
+    score_time_s: float
+
+
 class OnlineRLModule(L.LightningModule):
     def __init__(self, policy, tokenizer, scorer: Callable, acfg, rcfg, *, ref_policy=None, value_model=None,
                  gold_fn: Callable | None = None, evaluate_fn: Callable | None = None, work_dir: Path | None = None,
-                 grad_clip: float | None = 1.0, seed: int = 0):
+                 grad_clip: float | None = 1.0, seed: int = 0, max_prompt_length: int | None = None):
         super().__init__()
         self.automatic_optimization = False
         self.policy = policy.train()
@@ -65,7 +88,8 @@ class OnlineRLModule(L.LightningModule):
         self.work_dir = Path(work_dir) if work_dir else None
         self.grad_clip = grad_clip
         self.seed = seed
-        self.engine = HFRolloutEngine(self.policy, tokenizer, add_special_tokens=False)
+        self.engine = HFRolloutEngine(self.policy, tokenizer, max_prompt_length=max_prompt_length,
+                                      add_special_tokens=False)
         self.sampling = SamplingParams(max_new_tokens=acfg.max_new_tokens, temperature=acfg.temperature,
                                        top_p=acfg.top_p, top_k=acfg.top_k, n=acfg.num_generations)
         self.kl_ctl = build_kl_controller(acfg.kl_controller, acfg.kl_coef, acfg.kl_target, acfg.kl_horizon)
@@ -73,7 +97,7 @@ class OnlineRLModule(L.LightningModule):
         self.needs = requirements(acfg.advantage_estimator)
         self.policy_loss = POLICY_LOSSES.get(acfg.policy_loss, key="algorithm.policy_loss")
         self.kl_fn = KL_ESTIMATORS.get(acfg.kl_estimator, key="algorithm.kl_estimator")
-        self._generator: torch.Generator | None = None
+        self._generator = torch.Generator().manual_seed(seed * 1009)  # re-seeded per rank at fit start
         #: rollout steps done (Lightning's global_step counts optimizer steps: E x M per rollout step)
         self.rollout_step = 0
 
@@ -98,7 +122,10 @@ class OnlineRLModule(L.LightningModule):
             self._evaluate(step=self.rollout_step)
 
     # --------------------------------------------------------------- the step
-    def training_step(self, rows: list[dict], batch_idx: int):
+    @torch.no_grad()
+    def experience(self, rows: list[dict]) -> Experience:
+        """Steps 1-4 for a batch of prompt rows: sample, score, reference log-probs and KL,
+        KL-shaped token rewards, advantages. No parameter changes."""
         t0 = time.perf_counter()
         prompts = [r["prompt"] for r in rows]
         rollout = self.engine.generate(prompts, self.sampling, generator=self._generator).trim()
@@ -110,20 +137,29 @@ class OnlineRLModule(L.LightningModule):
 
         mask = rollout.response_mask.float()
         ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-        with torch.no_grad():
-            old_logp = rollout.logprobs
-            # LoRA (no ref_policy): the reference is the policy with its adapters disabled
-            ref_logp = reference_logprobs(self.policy, self.ref_policy, ids, attn, start, self.acfg.temperature)
-            kl = self.kl_fn(old_logp, ref_logp) * mask
-            shaping = kl if self.acfg.kl_penalty == "reward" else torch.zeros_like(kl)
-            token_rewards = token_level_rewards(scores, shaping, mask, self.kl_ctl.value)
-            old_values = self._values(ids, attn, start) if self.value_model is not None else None
-            adv, returns = self.estimator(
-                token_rewards=token_rewards, response_mask=mask, values=old_values,
-                group_index=rollout.group_index, baseline_scores=baseline, gamma=self.acfg.gamma,
-                lam=self.acfg.lam, norm_adv_by_std=self.acfg.norm_adv_by_std)
+        # log-probs of the sampled tokens under the temperature-scaled policy, from the rollout itself
+        old_logp = rollout.logprobs
+        # LoRA (no ref_policy): the reference is the policy with its adapters disabled
+        ref_logp = reference_logprobs(self.policy, self.ref_policy, ids, attn, start, self.acfg.temperature)
+        kl = self.kl_fn(old_logp, ref_logp) * mask
+        shaping = kl if self.acfg.kl_penalty == "reward" else torch.zeros_like(kl)
+        token_rewards = token_level_rewards(scores, shaping, mask, self.kl_ctl.value)
+        old_values = self._values(ids, attn, start) if self.value_model is not None else None
+        adv, returns = self.estimator(
+            token_rewards=token_rewards, response_mask=mask, values=old_values,
+            group_index=rollout.group_index, baseline_scores=baseline, gamma=self.acfg.gamma,
+            lam=self.acfg.lam, norm_adv_by_std=self.acfg.norm_adv_by_std)
+        return Experience(rollout, raw_scores, scores, mask, old_logp, ref_logp, kl, token_rewards, old_values, adv,
+                          returns, t_gen, t_score)
 
-        update_metrics = self._update(ids, attn, start, mask, old_logp, ref_logp, adv, returns, old_values)
+    def training_step(self, rows: list[dict], batch_idx: int):
+        t0 = time.perf_counter()
+        exp = self.experience(rows)
+        rollout, raw_scores, kl, mask = exp.rollout, exp.raw_scores, exp.kl, exp.mask
+        t_gen, t_score = exp.gen_time_s, exp.score_time_s
+        ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+        update_metrics = self._update(ids, attn, start, mask, exp.old_logp, exp.ref_logp, exp.advantages, exp.returns,
+                                      exp.old_values)
         t_update = time.perf_counter() - t0 - t_gen - t_score
 
         seq_kl = kl.sum(1)  # the configured estimator, summed over response tokens
@@ -167,6 +203,11 @@ class OnlineRLModule(L.LightningModule):
             baseline = b[rollout.group_index]
         return scores, raw, baseline
 
+    def policy_logprobs(self, ids, attn, start, return_entropy: bool = False):
+        """The training forward: log-probs (with gradient) of the response tokens under the
+        policy at the sampling temperature, the same distribution the rollout reported."""
+        return sequence_logprobs(self.policy, ids, attn, start, self.acfg.temperature, return_entropy=return_entropy)
+
     def _values(self, ids, attn, start):
         values = self.value_model(ids, attn, position_ids=position_ids_from_mask(attn))
         return values[:, start - 1: ids.shape[1] - 1]
@@ -181,8 +222,7 @@ class OnlineRLModule(L.LightningModule):
         for _ in range(acfg.ppo_epochs):
             perm = torch.randperm(n, generator=g).to(ids.device)
             for mb in perm.chunk(n_mb):
-                logp, entropy = sequence_logprobs(self.policy, ids[mb], attn[mb], start, acfg.temperature,
-                                                  return_entropy=True)
+                logp, entropy = self.policy_logprobs(ids[mb], attn[mb], start, return_entropy=True)
                 loss, m = self.policy_loss(logp=logp, old_logp=old_logp[mb], advantages=adv[mb],
                                            response_mask=mask[mb], cliprange=acfg.cliprange,
                                            agg_mode=acfg.loss_agg_mode)
@@ -212,7 +252,9 @@ class OnlineRLModule(L.LightningModule):
                     stats.setdefault(k, []).append(float(v))
         out = {k: sum(v) / len(v) for k, v in stats.items()}
         if old_values is not None:
-            out["value/explained_var"] = float(explained_variance(old_values, returns, mask))
+            ev = float(explained_variance(old_values, returns, mask))
+            if math.isfinite(ev):  # undefined (NaN) when the returns have no variance
+                out["value/explained_var"] = ev
         return out
 
     # ------------------------------------------------------------- logging

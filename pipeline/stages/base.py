@@ -81,6 +81,11 @@ class Stage:
         """Check this stage's settings before *any* stage runs (fail fast)."""
 
     @classmethod
+    def check_data(cls, cfg: DictConfig, spec) -> None:
+        """Open and check the user data files this stage will read (format, columns, lengths
+        where the tokenizer is known), before *any* stage trains."""
+
+    @classmethod
     def fingerprint_config(cls, cfg: DictConfig, spec) -> dict:
         out: dict = {"seed": cfg.seed}
         for key in cls.config_keys:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError
 from pipeline.evaluation import SamplingSettings, evaluate_policy, flat_metrics, rm_accuracy, write_evaluation
+from pipeline.models.loading import check_model_config
 from pipeline.models.policy import policy_from_artifact
 from pipeline.models.reward import RewardScorer
 from pipeline.stages.base import STAGES, Role, Stage
@@ -39,6 +40,8 @@ class EvaluateStage(Stage):
         if "policies" not in spec.inputs and "reward" not in spec.inputs:
             raise ConfigError(f"stage {spec.name!r} has nothing to evaluate", where=f"pipeline.stages.{spec.name}.inputs",
                               fix="give it `policies: [...]` and/or `reward: <reward stage>`")
+        if cfg.eval.include_base:
+            check_model_config(cfg.model)
 
     @classmethod
     def fingerprint_config(cls, cfg, spec) -> dict:

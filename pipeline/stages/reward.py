@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from pipeline.algorithms.reward_losses import bradley_terry_loss
 from pipeline.data import PairCollator, load_preference_examples, seeded_generator, split_holdout, tokenize_pairs
 from pipeline.errors import ConfigError, DataError
-from pipeline.models.loading import count_parameters, load_tokenizer, resolve_tokenizer
+from pipeline.models.loading import check_model_config, count_parameters, load_tokenizer, resolve_tokenizer
 from pipeline.models.reward import META, RewardEnsemble, RewardScorer, load_sequence_classifier
 from pipeline.modules.reward import RewardModule
 from pipeline.stages.base import STAGES, Role, Stage
@@ -42,6 +42,8 @@ class RewardStage(Stage):
                               fix="add `policy: sft`, or set reward.init_from=model with reward.model.*")
         if rcfg.ensemble_size < 1:
             raise ConfigError("must be >= 1", where="reward.ensemble_size")
+        if rcfg.init_from == "model":
+            check_model_config(rcfg.model, "reward.model")
 
     @classmethod
     def fingerprint_config(cls, cfg, spec) -> dict:
@@ -76,31 +78,52 @@ class RewardStage(Stage):
         return members, tokenizer, max_length
 
     # ------------------------------------------------------------------- data
-    def _data(self, tokenizer):
+    @classmethod
+    def check_data(cls, cfg, spec) -> None:
+        """The user's preference file: format and columns; prompt lengths when the reward
+        model's tokenizer is known before SFT has run (a pretrained backbone)."""
+        rcfg = cfg.reward
+        if not rcfg.data.path:
+            return
+        mcfg, max_length = (rcfg.model, rcfg.model.max_length) if rcfg.init_from == "model" else \
+            (cfg.model, cfg.model.max_length)
+        known = bool(mcfg.name_or_path or mcfg.tokenizer)
+        tokenizer = resolve_tokenizer(mcfg, lambda: ["a"], key="reward.model" if rcfg.init_from == "model" else "model")
+        examples = load_preference_examples(rcfg.data, tokenizer=tokenizer, key="reward.data")
+        if known:
+            tokenize_pairs(examples, tokenizer, max_length, where="reward.data", on_long_prompt=rcfg.data.on_long_prompt)
+
+    def _data(self, tokenizer, max_length: int):
+        """(train rows, held-out rows, reference (prompt, response) pairs for the N+ offset).
+        Every pair is tokenized before the split: a too-long prompt is named at its first line."""
         rcfg = self.cfg.reward
         if rcfg.data.path:
             examples = load_preference_examples(rcfg.data, tokenizer=tokenizer, key="reward.data")
-            train, val = split_holdout(examples, rcfg.data.eval_fraction, self.cfg.seed)
-            reference = [(e.prompt, e.chosen) for e in train] + [(e.prompt, e.rejected) for e in train]
-            return train, val, reference
-        task = build_task(self.cfg.task)
-        examples = task.preference_examples("pref")
-        train, val = split_holdout(examples, rcfg.data.eval_fraction, self.cfg.seed)
-        reference = [(e.prompt, e.completion) for e in task.sft_examples("eval")]
+        else:
+            task = build_task(self.cfg.task)
+            examples = task.preference_examples("pref")
+        rows = tokenize_pairs(examples, tokenizer, max_length, where="reward.data",
+                              on_long_prompt=rcfg.data.on_long_prompt)
+        train, val = split_holdout(rows, rcfg.data.eval_fraction, self.cfg.seed)
+        if rcfg.data.path:
+            used = [examples[r["index"]] for r in train]
+            reference = [(e.prompt, e.chosen) for e in used] + [(e.prompt, e.rejected) for e in used]
+        else:
+            reference = [(e.prompt, e.completion) for e in task.sft_examples("eval")]
+        # bootstrap weights are keyed by the position in the training set
+        train = [dict(r, index=j) for j, r in enumerate(train)]
         return train, val, reference
 
     def run(self, work_dir: Path) -> dict:
         rcfg = self.cfg.reward
         members, tokenizer, max_length = self._members(rcfg.ensemble_size)
-        train, val, reference = self._data(tokenizer)
+        train, val, reference = self._data(tokenizer, max_length)
         if not train:
             raise DataError("no preference pairs to train on", where="reward.data")
         collate = PairCollator(tokenizer.pad_token_id)
         gen = seeded_generator(self.cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
-        train_loader = DataLoader(tokenize_pairs(train, tokenizer, max_length, where="reward.data"), batch_size=rcfg.batch_size,
-                                  shuffle=True, collate_fn=collate, generator=gen)
-        val_loader = (DataLoader(tokenize_pairs(val, tokenizer, max_length, where="reward.data"), batch_size=64, collate_fn=collate)
-                      if val else None)
+        train_loader = DataLoader(train, batch_size=rcfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+        val_loader = DataLoader(val, batch_size=64, collate_fn=collate) if val else None
         ensemble = RewardEnsemble(members)
         module = RewardModule(ensemble, rcfg.optim, center_coef=rcfg.center_rewards_coefficient,
                               use_margin=rcfg.use_margin, seed=self.cfg.seed)

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 from pipeline.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, requirements
 from pipeline.config import plain
 from pipeline.config.schema import AlgorithmConfig
-from pipeline.data import load_prompt_rows, seeded_generator
-from pipeline.errors import ConfigError
+from pipeline.data import SOURCE, fit_prompts, load_prompt_rows, seeded_generator
+from pipeline.errors import ConfigError, DataError
 from pipeline.evaluation import HeldOutEvaluator
-from pipeline.models.loading import save_pretrained
+from pipeline.models.loading import context_length, save_pretrained
 from pipeline.models.policy import apply_lora, policy_from_artifact
 from pipeline.models.reward import RewardScorer
 from pipeline.models.value import build_critic
@@ -84,9 +84,32 @@ class RLStage(Stage):
             raise ConfigError(f"stage {spec.name!r} uses rl.reward_source=reward_model but has no `reward` input",
                               where=f"pipeline.stages.{spec.name}.inputs", fix="add `reward: rm` or set rl.reward_source=gold")
 
-    def _prompt_rows(self, task) -> list[dict]:
-        dcfg = self.cfg.rl.data
-        return load_prompt_rows(dcfg, key="rl.data") if dcfg.path else task.prompts("rl")
+    @classmethod
+    def check_data(cls, cfg, spec) -> None:
+        if cfg.rl.data.path:  # format, columns, message lists (lengths need the policy's tokenizer: at the start)
+            load_prompt_rows(cfg.rl.data, key="rl.data")
+
+    def _prompt_rows(self, task, policy, tokenizer) -> tuple[list[dict], int | None]:
+        """The prompts (chat messages rendered like SFT renders them) and the prompt-token limit
+        for the rollout engine (None: no truncation). Checked against the model's context
+        before the first rollout: ``rl.data.on_long_prompt`` errors (naming file:line), drops or
+        truncates prompts that leave no room for ``algorithm.max_new_tokens``."""
+        dcfg, acfg = self.cfg.rl.data, self.cfg.algorithm
+        if not dcfg.path:
+            return task.prompts("rl"), None
+        rows = load_prompt_rows(dcfg, key="rl.data", tokenizer=tokenizer)
+        context = context_length(policy)
+        limit = context - acfg.max_new_tokens
+        if limit < 1:
+            raise ConfigError(f"algorithm.max_new_tokens={acfg.max_new_tokens} leaves no room for a prompt in the "
+                              f"model's context of {context} tokens", where="algorithm.max_new_tokens")
+        ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+        _, dropped = fit_prompts(ids, limit, f"the model's context ({context}) minus algorithm.max_new_tokens "
+                                 f"({acfg.max_new_tokens})", "rl.data", dcfg.on_long_prompt, [r[SOURCE] for r in rows])
+        rows = [r for i, r in enumerate(rows) if i not in dropped]
+        if not rows:
+            raise DataError("no prompts left after dropping the ones that are too long", where="rl.data")
+        return rows, limit if dcfg.on_long_prompt == "truncate_left" else None
 
     def run(self, work_dir: Path) -> dict:
         cfg, acfg, rcfg = self.cfg, self.cfg.algorithm, self.cfg.rl
@@ -107,13 +130,14 @@ class RLStage(Stage):
                 reward_scorer = RewardScorer.from_artifact(self.inputs["reward"])
             value_model = build_critic(policy, tokenizer, reward_scorer, acfg.value_init)
         gold_fn = None if rcfg.data.path else GoldScorer(task)  # gold is defined on the task's prompts
-        rows = self._prompt_rows(task)
+        rows, max_prompt_length = self._prompt_rows(task, policy, tokenizer)
         gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loader to workers
         loader = DataLoader(rows, batch_size=rcfg.prompts_per_step, shuffle=True,
                             drop_last=len(rows) >= rcfg.prompts_per_step, collate_fn=list, generator=gen)
         module = OnlineRLModule(policy, tokenizer, scorer, acfg, rcfg, ref_policy=ref_policy, value_model=value_model,
                                 gold_fn=gold_fn, evaluate_fn=self._evaluator(task, tokenizer, scorer, ref_policy),
-                                work_dir=work_dir, grad_clip=cfg.trainer.gradient_clip_val, seed=cfg.seed)
+                                work_dir=work_dir, grad_clip=cfg.trainer.gradient_clip_val, seed=cfg.seed,
+                                max_prompt_length=max_prompt_length)
         optimizer_steps = rcfg.total_steps * acfg.ppo_epochs * acfg.num_mini_batches  # Lightning counts these
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_steps=optimizer_steps, max_epochs=-1,
                                 hook=self.hook, gradient_clip=False)

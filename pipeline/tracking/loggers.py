@@ -17,16 +17,26 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 
 from pipeline.errors import ConfigError
 
-_SECRET = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.I)
+#: config keys whose values are secrets: exactly these names, or ending in ``_<one of them>``
+#: (``wandb_api_key``, ``hf_token``, ``db_password``); not ``max_new_tokens`` or ``model.tokenizer``
+_SECRET = re.compile(r"^(.*[_-])?(api[_-]?key|token|access[_-]?token|auth[_-]?token|secret|secret[_-]?key|"
+                     r"password|passwd|credentials?)$", re.I)
 KNOWN_BACKENDS = ("csv", "wandb", "tensorboard")
 
 
+#: ``scheme://user:password@host``: the password part of a URL (e.g. a database for the tuner)
+_URL_PASSWORD = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^:/@\s]+:)([^@\s]+)(@)", re.I)
+
+
 def scrub_secrets(obj: Any) -> Any:
-    """Copy of a plain dict/list config with secret-looking values replaced."""
+    """Copy of a plain dict/list config with secret values replaced: values of secret keys
+    (see ``_SECRET``) and passwords inside URLs."""
     if isinstance(obj, dict):
         return {k: ("***" if _SECRET.search(str(k)) else scrub_secrets(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [scrub_secrets(v) for v in obj]
+    if isinstance(obj, str):
+        return _URL_PASSWORD.sub(r"\1***\3", obj)
     return obj
 
 
