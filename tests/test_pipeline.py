@@ -140,3 +140,14 @@ def test_killed_during_reward_stage_resumes_with_identical_results(first_run, tm
     assert info["stages"]["sft"]["reused"] and not info["stages"]["rm"]["reused"]
     uninterrupted = run_pipeline(compose(args, tmp_path / "fresh", "fresh"))
     assert resumed == uninterrupted
+
+
+@pytest.mark.slow
+def test_quick_preset_still_learns(tmp_path):
+    """The smoke preset must show learning: SFT beats its initial loss, the RM beats chance."""
+    res = run_pipeline(compose(["experiment=quick", "pipeline=rm_eval", "trainer.enable_progress_bar=false",
+                                "print_summary=false"], tmp_path))
+    sft, rm = res["stages"]["sft"]["metrics"], res["stages"]["rm"]["metrics"]
+    assert sft["val/loss"] < 0.7 * sft["val/loss_init"]
+    assert rm["val/accuracy"] > 0.6  # 1 epoch stayed at 0.5
+    assert res["stages"]["eval"]["metrics"]["eval/rm_accuracy/demonstrations"] > 0.6
