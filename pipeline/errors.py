@@ -43,16 +43,24 @@ class TrainingError(PipelineError):
     """Training diverged (NaN/inf loss) or could not proceed."""
 
 
-class Interrupted(PipelineError):
-    """The run was stopped by a signal (SIGTERM, SIGINT / Ctrl-C)."""
+class Interrupted(BaseException):
+    """The run was stopped by a signal (SIGTERM, SIGINT / Ctrl-C).
+
+    A ``BaseException`` (like ``KeyboardInterrupt``), so code that records failures with
+    ``except Exception`` (a tuner trial, a retry loop) does not mistake it for a failed run
+    and carry on: it unwinds to the entry point, which reports it and exits 143 / 130."""
 
     #: shell convention: 128 + signal number
     EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
     def __init__(self, signal_name: str):
         self.signal_name = signal_name
-        super().__init__(f"interrupted by {signal_name}; nothing of the unfinished stage was published",
-                         fix="rerun the same command: finished stages are reused from the cache")
+        self.message = f"interrupted by {signal_name}; nothing of the unfinished stage was published"
+        self.where = None
+        self.fix = "rerun the same command: finished stages are reused from the cache"
+        super().__init__(self.render())
+
+    render = PipelineError.render
 
     @property
     def exit_code(self) -> int:

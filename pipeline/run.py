@@ -192,7 +192,8 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
         try:
             return _run_stages(cfg, stages, run_dir, hook)
         except BaseException as err:
-            log.error("run failed: %s", err.render() if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}")
+            log.error("run failed: %s", err.render() if isinstance(err, (PipelineError, Interrupted))
+                      else f"{type(err).__name__}: {err}")
             raise
 
 
@@ -293,16 +294,24 @@ def _run_log(run_dir: Path):
             handler.close()
 
 
+#: set by the command line, which reports an interruption itself and exits 143 / 130
+_REPORTS_INTERRUPTS = False
+
+
 @contextlib.contextmanager
 def interrupts_as_errors():
     """SIGTERM and SIGINT raise :class:`Interrupted` (main thread only), so a stopped run
-    unwinds like a failed one: nothing half-published, the interruption logged, non-zero exit.
-    (Lightning would otherwise catch them and exit 0 on SIGTERM / 1 on Ctrl-C.)"""
+    unwinds like a failed one: nothing half-published, the interruption logged. (Lightning
+    would otherwise catch them and exit 0 on SIGTERM / 1 on Ctrl-C.) The command line then
+    exits 143 / 130 with a message; called from Python, the signal is delivered again to the
+    caller's own handler once the run has cleaned up (by default: the process ends)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def handler(signum, frame):
+        received.append(signum)
         raise Interrupted(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -311,6 +320,8 @@ def interrupts_as_errors():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        if received and not _REPORTS_INTERRUPTS:
+            signal.raise_signal(received[0])
 
 
 def _link(link: Path, target: Path) -> None:
@@ -394,6 +405,9 @@ def main() -> None:
         sys.exit(2)
     sys.argv[1:] = open_sections(args)
     register_configs()
+
+    global _REPORTS_INTERRUPTS
+    _REPORTS_INTERRUPTS = True
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig) -> Any:
