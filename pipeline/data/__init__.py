@@ -2,9 +2,11 @@
 from pipeline.data.collate import (
     IGNORE_INDEX,
     PairCollator,
+    PreferenceCollator,
     SFTCollator,
     seeded_generator,
     tokenize_pairs,
+    tokenize_preferences,
     tokenize_responses,
     tokenize_sft,
 )
@@ -23,6 +25,7 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "PairCollator",
+    "PreferenceCollator",
     "PreferenceExample",
     "SFTCollator",
     "SFTExample",
@@ -34,6 +37,7 @@ __all__ = [
     "split_common_prefix",
     "split_holdout",
     "tokenize_pairs",
+    "tokenize_preferences",
     "tokenize_responses",
     "tokenize_sft",
 ]

@@ -10,6 +10,10 @@
 * Pairs: ``prompt + response`` truncated from the right to ``max_length - 1`` tokens, then
   EOS -- the EOS is always kept, so a reward head reading the last non-pad token always
   reads an EOS position (encoders use their own pair encoding).
+* Pairs for the DPO family (``tokenize_preferences``, ``PreferenceCollator``): prompt and
+  responses kept apart (tokenized as for SFT), chosen and rejected collated into one batch
+  of left-padded prompt + right-padded response, so only response tokens are scored and one
+  forward pass scores both.
 * Batches are right-padded (``SFTCollator``, ``PairCollator``); prompts for generation
   are tokenized and left-padded by the rollout engine (``HFRolloutEngine.encode_prompts``).
   Attention masks come from the lengths, not
@@ -113,6 +117,14 @@ def seeded_generator(seed: int) -> SeededGenerator:
 
 
 # ----------------------------------------------------------------------------- SFT
+def _completion(ids: list[int], eos: int, room: int) -> list[int]:
+    """Completion ids ending in EOS (added unless present), cut from the right to ``room``
+    tokens: a truncated completion loses its EOS (the model should not learn to stop mid-answer)."""
+    if not ids or ids[-1] != eos:
+        ids = ids + [eos]
+    return ids[:room]
+
+
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_length: int, completion_only: bool = True,
                  where: str = "sft.data", on_long_prompt: str = "error") -> list[dict]:
     """``[{"input_ids": [...], "labels": [...]}]``; prompts of >= ``max_length`` tokens error or are dropped."""
@@ -126,9 +138,7 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_length: int, com
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if i in drop:
             continue
-        if not c or c[-1] != enc.eos:
-            c = c + [enc.eos]
-        c = c[: max_length - len(p)]
+        c = _completion(c, enc.eos, max_length - len(p))
         labels = ([IGNORE_INDEX] * len(p) if completion_only else list(p)) + c
         rows.append({"input_ids": p + c, "labels": labels})
     return rows
@@ -253,4 +263,87 @@ class PairCollator:
         }
         if all("index" in f for f in features):
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        return batch
+
+
+# ----------------------------------------------------------------------------- pairs with the prompt boundary (DPO)
+def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer, max_length: int, where: str = "dpo.data",
+                         on_long_prompt: str = "error") -> list[dict]:
+    """``[{"prompt_ids", "chosen_ids", "rejected_ids", "margin", "index"}]`` for losses on the policy's
+    likelihood of each response (the DPO family).
+
+    Unlike :func:`tokenize_pairs` (what a reward model reads), the prompt and the responses stay
+    apart, tokenized the way :func:`tokenize_sft` tokenizes prompt and completion (the prompt with
+    the tokenizer's own BOS, if it adds one; each response + EOS, cut from the right so prompt +
+    response fits ``max_length``), so only response tokens are scored. A prompt that leaves no room
+    for a response token errors or (``drop``) is dropped; an empty prompt is an error (the first
+    response token would be predicted from nothing). ``margin`` is the pair's margin or None.
+    """
+    _check_mode(on_long_prompt)
+    enc = _Encoder(tokenizer, where)
+    sources = [getattr(e, "where", None) for e in examples]
+    prompts = enc.prompts([e.prompt for e in examples])
+    chosen = enc.encode([e.chosen for e in examples])
+    rejected = enc.encode([e.rejected for e in examples])
+    drop = _long_prompts(prompts, max_length - 1, f"model.max_length={max_length}", where, on_long_prompt, sources)
+    rows, same = [], 0
+    for i, (e, p) in enumerate(zip(examples, prompts)):
+        if i in drop:
+            continue
+        if not p:
+            raise DataError(f"{f'{where}: ' if sources[i] else f'example {i}: '}the prompt is empty, so the first "
+                            "response token has nothing to be predicted from", where=sources[i] or where,
+                            fix="give every pair a prompt (implicit-prompt data: chosen and rejected must share "
+                                "a prefix), or use a tokenizer that adds a BOS token")
+        room = max_length - len(p)
+        c, r = _completion(chosen[i], enc.eos, room), _completion(rejected[i], enc.eos, room)
+        same += c == r
+        rows.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "index": i,
+                     "margin": None if e.margin is None else float(e.margin)})
+    if same:
+        log.warning("%s: %d of %d pairs have identical chosen/rejected tokens after truncation to %d",
+                    where, same, len(rows), max_length)
+    return rows
+
+
+class PreferenceCollator:
+    """The chosen and rejected responses of B pairs as ONE batch of 2B sequences (chosen rows
+    first, then rejected, in the same pair order), so a single forward pass scores both.
+
+    Layout (as :func:`pipeline.rollout.engine.sequence_logprobs` reads it): each row is its prompt,
+    left-padded to the batch's longest prompt P, then its response, right-padded to the batch's
+    longest response R; every response starts at column P. Padding is trimmed to the longest
+    prompt and response in the batch. Returns ``input_ids``, ``attention_mask`` [2B, P+R],
+    ``response_start`` (P, an int), ``response_mask`` [2B, R], ``lengths`` [2B] (response
+    tokens), ``margin`` [B] (0 where a pair has none), ``index`` [B], and ``ref_logps`` [2B]
+    when the rows carry precomputed reference log-probs (``ref_chosen`` / ``ref_rejected``).
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = _require_pad(pad_token_id)
+
+    def __call__(self, features: list[dict]) -> dict:
+        prompts = [f["prompt_ids"] for f in features] * 2
+        responses = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
+        width_p = max(len(p) for p in prompts)
+        width_r = max(len(r) for r in responses)
+        pad = self.pad_token_id
+        ids, mask = [], []
+        for p, r in zip(prompts, responses):
+            lp, lr = width_p - len(p), width_r - len(r)
+            ids.append([pad] * lp + p + r + [pad] * lr)
+            mask.append([0] * lp + [1] * (len(p) + len(r)) + [0] * lr)
+        attention_mask = torch.tensor(mask, dtype=torch.long)
+        batch = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "attention_mask": attention_mask,
+            "response_start": width_p,
+            "response_mask": attention_mask[:, width_p:],
+            "lengths": torch.tensor([len(r) for r in responses], dtype=torch.long),
+            "margin": torch.tensor([f.get("margin") or 0.0 for f in features], dtype=torch.float),
+            "index": torch.tensor([f.get("index", i) for i, f in enumerate(features)], dtype=torch.long),
+        }
+        if "ref_chosen" in features[0]:
+            batch["ref_logps"] = torch.tensor([f["ref_chosen"] for f in features]
+                                              + [f["ref_rejected"] for f in features], dtype=torch.float)
         return batch
