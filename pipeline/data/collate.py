@@ -11,9 +11,9 @@
   EOS -- the EOS is always kept, so a reward head reading the last non-pad token always
   reads an EOS position (encoders use their own pair encoding).
 * Pairs for the DPO family (``tokenize_preferences``, ``PreferenceCollator``): prompt and
-  responses kept apart (tokenized as for SFT), chosen and rejected collated into one batch
-  of left-padded prompt + right-padded response, so only response tokens are scored and one
-  forward pass scores both.
+  responses kept apart (tokenized as for SFT), each pair packed as ``prompt | chosen |
+  rejected`` with a tree attention mask (several pairs per row), so one forward pass scores
+  both responses, the prompt is computed once and only response tokens are scored.
 * Batches are right-padded (``SFTCollator``, ``PairCollator``); prompts for generation
   are tokenized and left-padded by the rollout engine (``HFRolloutEngine.encode_prompts``).
   Attention masks come from the lengths, not
@@ -307,39 +307,94 @@ def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer, max_l
 
 
 class PreferenceCollator:
-    """The chosen and rejected responses of B pairs as ONE batch of 2B sequences (chosen rows
-    first, then rejected, in the same pair order), so a single forward pass scores both.
+    """B pairs as packed rows, so ONE forward pass scores both responses of every pair with no
+    padding to speak of and each prompt computed once.
 
-    Layout (as :func:`pipeline.rollout.engine.sequence_logprobs` reads it): each row is its prompt,
-    left-padded to the batch's longest prompt P, then its response, right-padded to the batch's
-    longest response R; every response starts at column P. Padding is trimmed to the longest
-    prompt and response in the batch. Returns ``input_ids``, ``attention_mask`` [2B, P+R],
-    ``response_start`` (P, an int), ``response_mask`` [2B, R], ``lengths`` [2B] (response
-    tokens), ``margin`` [B] (0 where a pair has none), ``index`` [B], and ``ref_logps`` [2B]
-    when the rows carry precomputed reference log-probs (``ref_chosen`` / ``ref_rejected``).
+    Each pair is laid out as ``prompt | chosen | rejected`` with a tree attention mask: prompt
+    tokens attend causally to the prompt; chosen tokens to the prompt and the chosen tokens before
+    them; rejected tokens to the prompt and the rejected tokens before them (never to the chosen
+    ones). Position ids restart the responses where the prompt ends, so every token sees exactly
+    what it would see in its own ``prompt + response`` sequence: the log-probs are those of two
+    separate sequences, up to float rounding. Pairs are packed first-fit (longest first) into rows
+    of ``row_length`` tokens (the model's ``max_length``, as SFT packing does), or of the batch's
+    longest pair when that is longer; pairs in one row never attend to each other.
+
+    Returns ``input_ids``, ``position_ids`` [rows, L], ``attention_mask`` [rows, 1, L, L] (bool,
+    True = may attend; every position attends at least to itself), and for the T response tokens
+    of the batch: ``src_row``, ``src_col`` (the position whose output predicts the token: the last
+    prompt token for a response's first token), ``targets`` (the token ids) and ``seq_index``
+    (0..2B-1: pair i's chosen response is i, its rejected one B + i); ``lengths`` [2B] (response
+    tokens, chosen then rejected), ``margin`` [B] (0 where a pair has none), ``index`` [B], and
+    ``ref_logps`` [2B] when the rows carry precomputed reference log-probs (``ref_chosen`` /
+    ``ref_rejected``).
     """
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, row_length: int = 0):
         self.pad_token_id = _require_pad(pad_token_id)
+        self.row_length = row_length
 
     def __call__(self, features: list[dict]) -> dict:
-        prompts = [f["prompt_ids"] for f in features] * 2
-        responses = [f["chosen_ids"] for f in features] + [f["rejected_ids"] for f in features]
-        width_p = max(len(p) for p in prompts)
-        width_r = max(len(r) for r in responses)
-        pad = self.pad_token_id
-        ids, mask = [], []
-        for p, r in zip(prompts, responses):
-            lp, lr = width_p - len(p), width_r - len(r)
-            ids.append([pad] * lp + p + r + [pad] * lr)
-            mask.append([0] * lp + [1] * (len(p) + len(r)) + [0] * lr)
-        attention_mask = torch.tensor(mask, dtype=torch.long)
+        b = len(features)
+        sizes = [len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features]
+        width = max(max(sizes), self.row_length)
+        rows: list[list[int]] = []
+        free: list[int] = []
+        for i in sorted(range(b), key=lambda i: (-sizes[i], i)):  # first-fit decreasing, deterministic
+            for r, room in enumerate(free):
+                if sizes[i] <= room:
+                    rows[r].append(i)
+                    free[r] -= sizes[i]
+                    break
+            else:
+                rows.append([i])
+                free.append(width - sizes[i])
+        ids = [[self.pad_token_id] * width for _ in rows]
+        pos = [[0] * width for _ in rows]
+        seg = [[0] * width for _ in rows]  # 1.. per pair in the row, 0 = padding
+        branch = [[-1] * width for _ in rows]  # 0 prompt, 1 chosen, 2 rejected
+        src_row: list[int] = []
+        src_col: list[int] = []
+        targets: list[int] = []
+        seq_index: list[int] = []
+        for r, members in enumerate(rows):
+            col = 0
+            for k, i in enumerate(members):
+                f = features[i]
+                prompt = f["prompt_ids"]
+                n_p = len(prompt)
+                last_prompt = col + n_p - 1
+                ids[r][col:col + n_p] = prompt
+                pos[r][col:col + n_p] = range(n_p)
+                seg[r][col:col + n_p] = [k + 1] * n_p
+                branch[r][col:col + n_p] = [0] * n_p
+                start = col + n_p
+                for which, resp in ((1, f["chosen_ids"]), (2, f["rejected_ids"])):
+                    n = len(resp)
+                    ids[r][start:start + n] = resp
+                    pos[r][start:start + n] = range(n_p, n_p + n)
+                    seg[r][start:start + n] = [k + 1] * n
+                    branch[r][start:start + n] = [which] * n
+                    src_row.extend([r] * n)
+                    src_col.extend([last_prompt] + list(range(start, start + n - 1)))
+                    targets.extend(resp)
+                    seq_index.extend([i if which == 1 else b + i] * n)
+                    start += n
+                col = start
+        seg_t, branch_t = torch.tensor(seg), torch.tensor(branch)
+        same_pair = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, None, :] > 0)
+        visible = (branch_t[:, None, :] == 0) | (branch_t[:, None, :] == branch_t[:, :, None])
+        mask = same_pair & visible & torch.ones(width, width, dtype=torch.bool).tril()
+        mask |= torch.eye(width, dtype=torch.bool)
         batch = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
-            "attention_mask": attention_mask,
-            "response_start": width_p,
-            "response_mask": attention_mask[:, width_p:],
-            "lengths": torch.tensor([len(r) for r in responses], dtype=torch.long),
+            "position_ids": torch.tensor(pos, dtype=torch.long),
+            "attention_mask": mask[:, None],
+            "src_row": torch.tensor(src_row, dtype=torch.long),
+            "src_col": torch.tensor(src_col, dtype=torch.long),
+            "targets": torch.tensor(targets, dtype=torch.long),
+            "seq_index": torch.tensor(seq_index, dtype=torch.long),
+            "lengths": torch.tensor([len(f["chosen_ids"]) for f in features]
+                                    + [len(f["rejected_ids"]) for f in features], dtype=torch.long),
             "margin": torch.tensor([f.get("margin") or 0.0 for f in features], dtype=torch.float),
             "index": torch.tensor([f.get("index", i) for i, f in enumerate(features)], dtype=torch.long),
         }

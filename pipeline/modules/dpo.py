@@ -1,14 +1,15 @@
 """Offline preference optimisation: one LightningModule for every pairwise loss in
 ``PREFERENCE_LOSSES`` (DPO, IPO, cDPO/robust, hinge, SimPO, ORPO, f-DPO, RPO mixes, ...).
 
-A step: ONE forward pass of the policy over the concatenated batch (the B chosen responses, then
-the B rejected ones; :class:`pipeline.data.PreferenceCollator`), summing the log-probs of the
-response tokens only (``logits.gather - logsumexp`` on the response positions: no full
-log-softmax, no logits for the prompt where the model supports ``logits_to_keep``); the
-reference's sums come from the batch (precomputed once, :func:`reference_logps`) or from one
-forward pass under ``torch.inference_mode`` (the reference model, or the policy itself with
-its LoRA adapters disabled); then :func:`preference_loss` mixes the configured losses. Losses
-that never read the reference (SimPO, ORPO, CPL, or ``reference_free``) skip that pass.
+A step: ONE forward pass of the policy over the packed batch (:class:`pipeline.data.PreferenceCollator`:
+each pair as ``prompt | chosen | rejected`` under a tree attention mask, several pairs per row, so
+the prompt is computed once and there is almost no padding); the LM head runs only on the positions
+that predict response tokens, and their log-probs are ``logits.gather - logsumexp`` (no full
+log-softmax), summed per response (:func:`response_logps`). The reference's sums come from the batch
+(precomputed once, :func:`reference_logps`) or from one forward pass under ``torch.inference_mode``
+(the reference model, or the policy itself with its LoRA adapters disabled); losses that never read
+the reference (SimPO, ORPO, CPL, ``reference_free``) skip that pass. Then :func:`preference_loss`
+mixes the configured losses.
 
 Logged: ``train/loss``, TRL's ``rewards/{chosen,rejected,margins,accuracies}``,
 ``logps/{chosen,rejected}`` and ``loss/<term>`` per training step; the same on held-out
@@ -31,8 +32,8 @@ from pipeline.algorithms.preference_losses import (
     loss_terms,
     preference_loss,
 )
+from pipeline.models.policy import causal_lm_parts, reference_of
 from pipeline.modules.common import check_finite, configure_adamw
-from pipeline.rollout.engine import reference_logprobs, sequence_logprobs
 
 #: per-step state a loss declares in its ``runtime`` metadata -> the batch statistic whose
 #: running mean (over training steps, all-reduced over ranks) is passed as that argument
@@ -78,6 +79,26 @@ def pair_logps(policy: Tensor, ref: Tensor | None, lengths: Tensor, margin: Tens
     )
 
 
+def response_logps(model, batch: dict) -> Tensor:
+    """[2B] summed log-probs of the responses of a packed batch (chosen 0..B-1, rejected B..2B-1)."""
+    mask = batch["attention_mask"]
+    if "sdpa" not in str(getattr(model.config, "_attn_implementation", "")):  # eager: an additive float mask
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
+              "use_cache": False}
+    rows, cols = batch["src_row"], batch["src_col"]
+    parts = causal_lm_parts(model)
+    if parts is not None:  # the head only where a response token is predicted
+        backbone, head = parts
+        logits = head(backbone(**inputs)[0][rows, cols])
+    else:
+        logits = model(**inputs).logits[rows, cols]
+    logits = logits.float()
+    lp = logits.gather(-1, batch["targets"][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return lp.new_zeros(batch["lengths"].shape[0]).index_add(0, batch["seq_index"], lp)
+
+
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
 
@@ -92,22 +113,20 @@ def reference_logps(rows: Sequence[dict], policy, ref_model, collate, batch_size
 
     The reference is ``ref_model``, or ``policy`` with its LoRA adapters disabled when it is None.
     Rows are batched by length (less padding) and put back in order."""
-    model = ref_model if ref_model is not None else policy
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt_ids"]) + max(len(rows[i]["chosen_ids"]),
-                                                                                     len(rows[i]["rejected_ids"])))
     out = torch.empty(len(rows), 2)
-    try:
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            batch = _to(collate([rows[i] for i in idx]), device)
-            lp = reference_logprobs(policy, ref_model, batch["input_ids"], batch["attention_mask"],
-                                    batch["response_start"]).sum(-1).float().cpu()
-            out[idx] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
-    finally:
-        model.train(was_training)
+    with reference_of(policy, ref_model) as model:
+        device = _device(model)
+        was_training = model.training
+        model.eval()
+        order = sorted(range(len(rows)), key=lambda i: sum(len(rows[i][k]) for k in ("prompt_ids", "chosen_ids",
+                                                                                     "rejected_ids")))
+        try:
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                lp = response_logps(model, _to(collate([rows[i] for i in idx]), device)).float().cpu()
+                out[idx] = torch.stack([lp[:len(idx)], lp[len(idx):]], dim=1)
+        finally:
+            model.train(was_training)
     return out
 
 
@@ -129,12 +148,11 @@ class DPOModule(L.LightningModule):
     # ------------------------------------------------------------------ log-probs
     def logps(self, batch: dict) -> PreferenceLogps:
         """Summed response log-probs of policy (with gradient) and reference for one concatenated batch."""
-        ids, mask, start = batch["input_ids"], batch["attention_mask"], batch["response_start"]
-        policy = sequence_logprobs(self.policy, ids, mask, start).sum(-1)
+        policy = response_logps(self.policy, batch)
         ref = batch.get("ref_logps")
         if ref is None and self.spec.uses_reference:
-            with torch.inference_mode():
-                ref = reference_logprobs(self.policy, self.ref_model, ids, mask, start).sum(-1)
+            with torch.inference_mode(), reference_of(self.policy, self.ref_model) as model:
+                ref = response_logps(model, batch)
             ref = ref.clone()  # a normal tensor: inference tensors cannot enter autograd
         return pair_logps(policy, ref, batch["lengths"], batch["margin"] if self.spec.use_margin else None)
 

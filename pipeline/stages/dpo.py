@@ -192,7 +192,7 @@ class DPOStage(Stage):
             raise DataError("no preference pairs to train on", where="dpo.data")
         ref_model = self._reference_model(loss, tokenizer)
         policy = apply_lora(policy, dcfg.lora)
-        collate = PreferenceCollator(tokenizer.pad_token_id)
+        collate = PreferenceCollator(tokenizer.pad_token_id, row_length=cfg.model.max_length)
         reference = "none" if not loss.uses_reference else "model" if ref_model is not None else "adapters_off"
         if dcfg.precompute_ref_log_probs:
             self.record["reference_logps"] = self._precompute(work_dir, train_rows, val_rows, policy, ref_model, collate)
