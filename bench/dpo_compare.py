@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     res.mkdir(parents=True, exist_ok=True)
     common = ["--inputs", args.inputs, "--steps", str(args.steps), "--batch", str(args.batch),
               "--threads", str(args.threads), "--target", str(args.target)]
-    rows = []
+    rows, curves = [], []
     for setting in args.settings:
         flag = ["--precompute"] if setting == "precompute" else []
         trl_out, ours_out = res / f"trl_dpo_{setting}.json", res / f"ours_dpo_{setting}.json"
@@ -58,7 +58,9 @@ def main(argv=None) -> None:
             res / f"trl_dpo_{setting}.log")
         run([args.python, str(HERE / "dpo_ours.py"), "run", *common, *flag, "--out", str(ours_out)],
             res / f"ours_dpo_{setting}.log")
-        rows.append((setting, json.loads(trl_out.read_text())["summary"], json.loads(ours_out.read_text())["summary"]))
+        trl_res, ours_res = json.loads(trl_out.read_text()), json.loads(ours_out.read_text())
+        rows.append((setting, trl_res["summary"], ours_res["summary"]))
+        curves.append((setting, curve_gap(trl_res["steps"], ours_res["steps"])))
 
     print(f"\n{args.steps} steps x {args.batch} pairs, {args.threads} thread(s), target held-out accuracy {args.target}\n")
     print("| reference log-probs | side | s/step (median) | pairs/s | setup (s) | time to target (s) | step | "
@@ -78,6 +80,15 @@ def main(argv=None) -> None:
                   f"{fmt(last.get('heldout_accuracy'))} / {fmt(last.get('heldout_margin'), '+.3f')} | {speed} | {ttq} |")
     same = all(trl.get("same_tokens") for _, trl, _ in rows)
     print(f"\nsame train tokens on both sides: {same}")
+    for setting, gap in curves:  # same batches, same math: the held-out curves should agree to float rounding
+        print(f"{setting}: largest held-out margin difference between the sides over {gap[1]} evaluations: {gap[0]:.2e}")
+
+
+def curve_gap(a: list[dict], b: list[dict]) -> tuple[float, int]:
+    ea = {r["step"]: r["heldout_margin"] for r in a if "heldout_margin" in r}
+    eb = {r["step"]: r["heldout_margin"] for r in b if "heldout_margin" in r}
+    common = sorted(set(ea) & set(eb))
+    return (max((abs(ea[s] - eb[s]) for s in common), default=float("nan")), len(common))
 
 
 def s_ver(summary: dict) -> str:

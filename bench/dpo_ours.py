@@ -12,7 +12,9 @@ them: the reference of the held-out metrics) and ``inputs.json``.
 ``run`` trains with our ``dpo`` stage itself (``DPOStage.run``: the same data loading, collator,
 module and Lightning trainer as ``python -m pipeline pipeline=dpo``) on ``train.jsonl`` with the
 benchmark's settings, timing each optimizer step and evaluating on the held-out pairs every
-``--eval-every`` steps with the clock paused (``bench/dpo_common.py``).
+``--eval-every`` steps with the clock paused (``bench/dpo_common.py``). The pairs are read in file
+order (``export`` shuffled them once; TRL's side uses ``train_sampling_strategy="sequential"``), so
+both sides train on the same batches.
 """
 from __future__ import annotations
 
@@ -111,6 +113,13 @@ def run(args) -> None:
                       f"margin {row['heldout_margin']:+.3f}", flush=True)
 
     dpo_stage.DPOModule = BenchModule
+    from torch.utils.data import DataLoader
+
+    def in_file_order(*a, shuffle=False, generator=None, **kw):  # train.jsonl is pre-shuffled, as on the TRL side
+        return DataLoader(*a, shuffle=False, **kw)
+
+    dpo_stage.DataLoader = in_file_order
+    dpo_stage.split_holdout = lambda examples, fraction, seed: (list(examples), [])  # no held-out split, no permutation
     _setup_env()
     spec = next(s for s in cfg.pipeline.stages if s.kind == "dpo")
     work = root / "work"
@@ -146,7 +155,7 @@ def main(argv=None) -> None:
     r.add_argument("--beta", type=float, default=0.1)
     r.add_argument("--threads", type=int, default=1)
     r.add_argument("--precompute", action="store_true", help="precompute reference log-probs before training")
-    r.add_argument("--eval-every", type=int, default=5)
+    r.add_argument("--eval-every", type=int, default=3)
     r.add_argument("--target", type=float, default=0.65, help="held-out implicit-reward accuracy target")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default=None)

@@ -11,7 +11,9 @@ without warm-up, grad clip 1.0, fp32 on CPU, dropout off, one thread, the held-o
 (``bench/dpo_common.py``) every ``--eval-every`` steps with the clock paused. TRL's
 ``DPOConfig`` defaults that would differ are set explicitly: ``bf16=False`` (default True),
 ``gradient_checkpointing=False`` (default True: recomputes activations to save memory, ~30%
-slower; ``--gradient-checkpointing`` restores it), ``learning_rate`` (default 1e-6).
+slower; ``--gradient-checkpointing`` restores it), ``learning_rate`` (default 1e-6). Both sides read
+``train.jsonl`` (shuffled once by ``export``) in file order, so they train on the same batches and
+their held-out curves can be compared step for step.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precompute", action="store_true", help="precompute_ref_log_probs=True")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="TRL's default (off here)")
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=3)
     ap.add_argument("--target", type=float, default=0.65, help="held-out implicit-reward accuracy target")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
@@ -90,6 +92,7 @@ def main(argv=None) -> None:
         bf16=False, fp16=False, use_cpu=True, disable_dropout=True, dataloader_num_workers=0,
         report_to=[], logging_steps=10, save_strategy="no", eval_strategy="no", disable_tqdm=True,
         seed=args.seed, data_seed=args.seed,
+        train_sampling_strategy="sequential",  # train.jsonl is pre-shuffled: both sides see the same batches
     )
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=dataset, processing_class=tok, callbacks=[Bench()])
     trainer.remove_callback(PrinterCallback)

@@ -82,7 +82,11 @@ def pair_logps(policy: Tensor, ref: Tensor | None, lengths: Tensor, margin: Tens
 def response_logps(model, batch: dict) -> Tensor:
     """[2B] summed log-probs of the responses of a packed batch (chosen 0..B-1, rejected B..2B-1)."""
     mask = batch["attention_mask"]
-    if "sdpa" not in str(getattr(model.config, "_attn_implementation", "")):  # eager: an additive float mask
+    impl = str(getattr(model.config, "_attn_implementation", ""))
+    if impl.startswith(("flash", "paged")):
+        raise ValueError(f"attn_implementation={impl!r} cannot apply the packed pairs' attention mask; "
+                         "load the model with 'sdpa' or 'eager' attention")
+    if "sdpa" not in impl:  # eager: an additive float mask
         dtype = next(model.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
