@@ -277,6 +277,7 @@ def test_precomputed_reference_log_probs_match_and_are_reused_by_a_loss_only_rer
     ["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0,0.2]"],
     ["dpo.loss_type=bco_pair"],
     ["dpo.loss_type=orpo"],
+    ["dpo.reference_free=true"],
 ])
 def test_loss_mixes_and_stateful_losses_train(losses, workdir):
     m, art = dpo_run(workdir, ["dpo.max_steps=3", *losses], "mix-" + losses[0].split("=")[1])
@@ -286,8 +287,9 @@ def test_loss_mixes_and_stateful_losses_train(losses, workdir):
     if "sft" in losses[0]:  # the logged loss is the weighted sum of the logged terms
         assert m["train/loss"] == pytest.approx(m["loss/sigmoid"] + 0.2 * m["loss/sft"], abs=1e-5)
         assert art.manifest["dpo"]["loss_weights"] == [1.0, 0.2]
-    if losses[0].endswith("orpo"):
+    if losses[0].endswith(("orpo", "reference_free=true")):  # no reference model loaded, no reference pass
         assert art.manifest["dpo"]["reference"] == "none"
+        assert m["rewards/chosen"] == pytest.approx(0.1 * m["logps/chosen"], abs=1e-4)  # β·log π: uniform reference
 
 
 # --------------------------------------------------------------------------- user data
@@ -381,3 +383,38 @@ def test_cli_pipeline_dpo_prints_kl_in_the_summary(workdir, sft_art):
     assert "val/rewards/accuracies" in out
     rows = [line.split() for line in out.split("KL to 'sft'")[1].splitlines()]
     assert [r[1] for r in rows if len(r) > 2 and r[1] in ("sft", "dpo")] == ["sft", "dpo"]
+
+
+# --------------------------------------------------------------------------- docs and schema
+def test_readme_loss_table_matches_the_registry():
+    """Every registered loss is in the README table, with the reference use and options it declares."""
+    import re
+
+    from pipeline.algorithms.preference_losses import PREFERENCE_LOSSES
+    from tests.conftest import ROOT
+
+    table = (ROOT / "README.md").read_text().split("<!-- dpo-loss-table -->")[1]
+    seen = set()
+    for row in (r for r in table.splitlines() if r.startswith("| `")):
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        names = re.findall(r"`(\w+)`", cells[0])
+        if names == ["loss_type"]:  # the header
+            continue
+        seen.update(names)
+        if len(names) > 1:  # the listwise row
+            continue
+        meta = PREFERENCE_LOSSES.meta(names[0])
+        assert cells[2] == meta["reference"], (names[0], cells[2])
+        assert set(re.findall(r"`(\w+)`", cells[3])) == set(meta["options"]), (names[0], cells[3])
+    assert seen == set(PREFERENCE_LOSSES)
+
+
+def test_every_loss_option_has_its_default_in_the_schema():
+    import dataclasses
+
+    from pipeline.algorithms.preference_losses import OPTION_NAMES
+    from pipeline.config.schema import DPOConfig
+    from pipeline.stages.dpo import OPTION_DEFAULTS
+
+    assert OPTION_NAMES <= {f.name for f in dataclasses.fields(DPOConfig)}
+    assert set(OPTION_DEFAULTS) == OPTION_NAMES and OPTION_DEFAULTS["beta"] == 0.1
