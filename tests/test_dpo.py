@@ -273,6 +273,17 @@ def test_precomputed_reference_log_probs_match_and_are_reused_by_a_loss_only_rer
     torch.testing.assert_close(stored, torch.stack([lp[:24], lp[24:]], 1), atol=1e-4, rtol=0)
 
 
+def test_explicit_reference_input(workdir):
+    """A `reference` input is loaded as the reference model; naming the SFT model gives the default run's numbers."""
+    live, _ = dpo_run(workdir, ["dpo.max_steps=3"], "live")  # cached by the precompute test when it ran first
+    ref, art = dpo_run(workdir, [SFT_DPO.replace("{policy: sft}", "{policy: sft, reference: sft}"), "dpo.max_steps=3"],
+                       "reference-input")
+    assert art.manifest["inputs"]["reference"]["fingerprint"] == art.manifest["inputs"]["policy"]["fingerprint"]
+    assert art.manifest["dpo"]["reference"] == "model"
+    for key in ("val/loss", "val/rewards/margins", "train/loss"):
+        assert ref[key] == pytest.approx(live[key], abs=1e-6), key
+
+
 @pytest.mark.parametrize("losses", [
     ["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0,0.2]"],
     ["dpo.loss_type=bco_pair"],

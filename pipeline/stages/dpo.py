@@ -151,9 +151,10 @@ class DPOStage(Stage):
 
         ref_art = self.inputs.get("reference") or self.input("policy")
         model = ref_model if ref_model is not None else policy
+        accelerator = str(self.cfg.trainer.accelerator)
+        device = "cuda" if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
         config = {"tokens": _rows_digest(train_rows, val_rows), "rows": [len(train_rows), len(val_rows)],
-                  "device": next(model.parameters()).device.type, "dtype": str(next(model.parameters()).dtype),
-                  "torch": torch.__version__}
+                  "device": device, "dtype": str(next(model.parameters()).dtype), "torch": torch.__version__}
         inputs = {"reference": ref_art.fingerprint}
         fp = fingerprint(REF_KIND, config, inputs)
         store = ArtifactStore(self.cfg.paths.artifact_dir)
@@ -166,8 +167,10 @@ class DPOStage(Stage):
                             "config": config}
                 with store.build(REF_KIND, fp, manifest) as (work, record):
                     bs = self.cfg.dpo.eval_batch_size
+                    model.to(device)  # on the accelerator when training uses one (Lightning moves the policy anyway)
                     save_file({"train": reference_logps(train_rows, policy, ref_model, collate, bs),
                                "val": reference_logps(val_rows, policy, ref_model, collate, bs)}, str(work / REF_FILE))
+                    model.to("cpu")
                     record["metrics"] = {"train/pairs": len(train_rows), "val/pairs": len(val_rows),
                                          "seconds": round(time.time() - t0, 3)}
                 art = store.lookup(REF_KIND, fp)
