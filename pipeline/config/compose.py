@@ -30,7 +30,8 @@ from pipeline.registry import closest
 CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 #: old key prefixes -> new ones (a clear error instead of a silent ignore)
-RENAMED = {"policy": "rl", "sft.on_long_prompt": "sft.data.on_long_prompt"}
+RENAMED = {"policy": "rl", "sft.on_long_prompt": "sft.data.on_long_prompt",
+           "dpo.on_long_prompt": "dpo.data.on_long_prompt"}
 #: groups a stage cannot choose for itself
 RUN_WIDE_GROUPS = ("pipeline", "paths", "hydra")
 

@@ -276,6 +276,64 @@ class RLConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Offline preference optimisation (kind ``dpo``): the DPO family of losses on preference pairs.
+
+    The loss options below are the one place their defaults live (names and defaults as TRL's
+    ``DPOConfig`` / ``CPOConfig`` where TRL has them); which loss reads which option is declared
+    in ``pipeline/algorithms/preference_losses.py``, and a set option no chosen loss reads is an error.
+    """
+
+    #: preference pairs: null path = the task's preference pairs (``pref`` split); else a
+    #: preference file (explicit / implicit prompt, conversational), as for ``reward.data``
+    data: DataConfig = field(default_factory=DataConfig)
+    #: lr for the tiny built-in models (TRL's 1e-6 / 5e-7 suit large pretrained models)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, scheduler="linear", warmup_ratio=0.1))
+    #: preference pairs per optimizer step per rank (each pair is two sequences in one forward pass)
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_epochs: int = 2
+    #: -1 = run max_epochs
+    max_steps: int = -1
+    #: pairs per forward pass for held-out metrics and precomputed reference log-probs
+    eval_batch_size: int = 64
+    #: one loss name or a list mixed with ``loss_weights`` (e.g. [sigmoid, sft] = RPO); see the README table
+    loss_type: Any = "sigmoid"
+    #: one weight per entry of ``loss_type``; null = all 1.0
+    loss_weights: Optional[List[float]] = None
+    #: β: temperature of the implicit reward (IPO's τ, ORPO's λ, CPL's α, SimPO's β)
+    beta: float = 0.1
+    #: ε: label-noise rate in [0, 0.5) (sigmoid = cDPO, robust, exo_pair, aot, aot_pair, simpo)
+    label_smoothing: float = 0.0
+    #: f-DPO score: reverse_kl (plain DPO) | forward_kl | js_divergence | alpha_divergence
+    f_divergence_type: str = "reverse_kl"
+    #: α of alpha_divergence (> 0)
+    f_alpha_divergence_coef: float = 1.0
+    #: τ of the DiscoPOP blend (discopop)
+    discopop_tau: float = 0.05
+    #: SimPO target margin γ (simpo)
+    simpo_gamma: float = 0.5
+    #: CPL conservative bias λ in (0, 1] (cpl)
+    cpl_lambda: float = 0.5
+    #: ignore the reference model (uniform reference) for losses that can (reference="optional")
+    reference_free: bool = False
+    #: adds rpo_alpha x the NLL of the chosen response (RPO); null = off
+    rpo_alpha: Optional[float] = None
+    #: subtract the data's per-pair ``margin`` column inside the loss (ODPO-style offset;
+    #: sigmoid / robust); pairs without one get 0
+    use_margin: bool = False
+    #: compute the reference log-probs of every pair once before training and store them in the
+    #: artifact store (a rerun that changes only loss settings reuses them); no reference forward
+    #: pass per step and no reference model in memory while training
+    precompute_ref_log_probs: bool = False
+    #: train LoRA adapters on the input policy; the reference is the same model with adapters
+    #: disabled (no second copy); the published policy has the adapters merged
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    #: keep a Lightning checkpoint (last.ckpt) in the stage's work directory
+    checkpoint: bool = False
+
+
+@dataclass
 class StageSpec:
     #: unique name of the stage in this pipeline (used as input reference)
     name: str = MISSING
@@ -348,6 +406,8 @@ class Config:
     #: (``algorithm_schema/rl`` for online RL; other stage kinds register their own)
     algorithm: Any = None
     rl: RLConfig = field(default_factory=RLConfig)
+    #: offline preference optimisation (``dpo`` stages: DPO, IPO, SimPO, f-DPO, ...)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     #: training seed (model init, data order, sampling); tasks have their own seed
     seed: int = 0
     #: recompute every stage even when a cached artifact matches

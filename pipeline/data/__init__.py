@@ -2,11 +2,13 @@
 from pipeline.data.collate import (
     IGNORE_INDEX,
     PairCollator,
+    PreferenceCollator,
     SFTCollator,
     check_on_long_prompt,
     fit_prompts,
     seeded_generator,
     tokenize_pairs,
+    tokenize_preferences,
     tokenize_responses,
     tokenize_sft,
 )
@@ -25,6 +27,7 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "PairCollator",
+    "PreferenceCollator",
     "PreferenceExample",
     "SFTCollator",
     "SFTExample",
@@ -38,6 +41,7 @@ __all__ = [
     "split_common_prefix",
     "split_holdout",
     "tokenize_pairs",
+    "tokenize_preferences",
     "tokenize_responses",
     "tokenize_sft",
 ]

@@ -10,6 +10,10 @@
 * Pairs: ``prompt + response`` truncated from the right to ``max_length - 1`` tokens, then
   EOS -- the EOS is always kept, so a reward head reading the last non-pad token always
   reads an EOS position (encoders use their own pair encoding).
+* Pairs for the DPO family (``tokenize_preferences``, ``PreferenceCollator``): prompt and
+  responses kept apart (tokenized as for SFT), each pair packed as ``prompt | chosen |
+  rejected`` with a tree attention mask (several pairs per row), so one forward pass scores
+  both responses, the prompt is computed once and only response tokens are scored.
 * Batches are right-padded (``SFTCollator``, ``PairCollator``); prompts for generation
   are tokenized and left-padded by the rollout engine (``HFRolloutEngine.encode_prompts``).
   Attention masks come from the lengths, not
@@ -130,6 +134,14 @@ def seeded_generator(seed: int) -> SeededGenerator:
 
 
 # ----------------------------------------------------------------------------- SFT
+def _completion(ids: list[int], eos: int, room: int) -> list[int]:
+    """Completion ids ending in EOS (added unless present), cut from the right to ``room``
+    tokens: a truncated completion loses its EOS (the model should not learn to stop mid-answer)."""
+    if not ids or ids[-1] != eos:
+        ids = ids + [eos]
+    return ids[:room]
+
+
 def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_length: int, completion_only: bool = True,
                  where: str = "sft.data", on_long_prompt: str = "error") -> list[dict]:
     """``[{"input_ids": [...], "labels": [...], "index": i}]`` (``index``: the example's position);
@@ -143,9 +155,7 @@ def tokenize_sft(examples: Sequence[SFTExample], tokenizer, max_length: int, com
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if i in drop:
             continue
-        if not c or c[-1] != enc.eos:
-            c = c + [enc.eos]
-        c = c[: max_length - len(p)]
+        c = _completion(c, enc.eos, max_length - len(p))
         labels = ([IGNORE_INDEX] * len(p) if completion_only else list(p)) + c
         rows.append({"input_ids": p + c, "labels": labels, "index": i})
     return rows
@@ -271,4 +281,142 @@ class PairCollator:
         }
         if all("index" in f for f in features):
             batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+        return batch
+
+
+# ----------------------------------------------------------------------------- pairs with the prompt boundary (DPO)
+def tokenize_preferences(examples: Sequence[PreferenceExample], tokenizer, max_length: int, where: str = "dpo.data",
+                         on_long_prompt: str = "error") -> list[dict]:
+    """``[{"prompt_ids", "chosen_ids", "rejected_ids", "margin", "index"}]`` for losses on the policy's
+    likelihood of each response (the DPO family).
+
+    Unlike :func:`tokenize_pairs` (what a reward model reads), the prompt and the responses stay
+    apart, tokenized the way :func:`tokenize_sft` tokenizes prompt and completion (the prompt with
+    the tokenizer's own BOS, if it adds one; each response + EOS, cut from the right so prompt +
+    response fits ``max_length``), so only response tokens are scored. A prompt that leaves no room
+    for a response token errors, is dropped or cut from the left (``on_long_prompt``); an empty prompt is an error (the first
+    response token would be predicted from nothing). ``margin`` is the pair's margin or None.
+    """
+    enc = _Encoder(tokenizer, where)
+    sources = [getattr(e, "where", None) for e in examples]
+    prompts = enc.prompts([e.prompt for e in examples])
+    chosen = enc.encode([e.chosen for e in examples])
+    rejected = enc.encode([e.rejected for e in examples])
+    prompts, drop = fit_prompts(prompts, max_length - 1, f"model.max_length={max_length}", where, on_long_prompt,
+                                sources, enc.prefix)
+    rows, same = [], 0
+    for i, (e, p) in enumerate(zip(examples, prompts)):
+        if i in drop:
+            continue
+        if not p:
+            raise DataError(f"{f'{where}: ' if sources[i] else f'example {i}: '}the prompt is empty, so the first "
+                            "response token has nothing to be predicted from", where=sources[i] or where,
+                            fix="give every pair a prompt (implicit-prompt data: chosen and rejected must share "
+                                "a prefix), or use a tokenizer that adds a BOS token")
+        room = max_length - len(p)
+        c, r = _completion(chosen[i], enc.eos, room), _completion(rejected[i], enc.eos, room)
+        same += c == r
+        rows.append({"prompt_ids": p, "chosen_ids": c, "rejected_ids": r, "index": i,
+                     "margin": None if e.margin is None else float(e.margin)})
+    if same:
+        log.warning("%s: %d of %d pairs have identical chosen/rejected tokens after truncation to %d",
+                    where, same, len(rows), max_length)
+    return rows
+
+
+class PreferenceCollator:
+    """B pairs as packed rows, so ONE forward pass scores both responses of every pair with no
+    padding to speak of and each prompt computed once.
+
+    Each pair is laid out as ``prompt | chosen | rejected`` with a tree attention mask: prompt
+    tokens attend causally to the prompt; chosen tokens to the prompt and the chosen tokens before
+    them; rejected tokens to the prompt and the rejected tokens before them (never to the chosen
+    ones). Position ids restart the responses where the prompt ends, so every token sees exactly
+    what it would see in its own ``prompt + response`` sequence: the log-probs are those of two
+    separate sequences, up to float rounding. Pairs are packed first-fit (longest first) into rows
+    of ``row_length`` tokens (the model's ``max_length``, as SFT packing does), or of the batch's
+    longest pair when that is longer; pairs in one row never attend to each other.
+
+    Returns ``input_ids``, ``position_ids`` [rows, L], ``attention_mask`` [rows, 1, L, L] (bool,
+    True = may attend; every position attends at least to itself), and for the T response tokens
+    of the batch: ``src_row``, ``src_col`` (the position whose output predicts the token: the last
+    prompt token for a response's first token), ``targets`` (the token ids) and ``seq_index``
+    (0..2B-1: pair i's chosen response is i, its rejected one B + i); ``lengths`` [2B] (response
+    tokens, chosen then rejected), ``margin`` [B] (0 where a pair has none), ``index`` [B], and
+    ``ref_logps`` [2B] when the rows carry precomputed reference log-probs (``ref_chosen`` /
+    ``ref_rejected``).
+    """
+
+    def __init__(self, pad_token_id: int, row_length: int = 0):
+        self.pad_token_id = _require_pad(pad_token_id)
+        self.row_length = row_length
+
+    def __call__(self, features: list[dict]) -> dict:
+        b = len(features)
+        sizes = [len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features]
+        width = max(max(sizes), self.row_length)
+        rows: list[list[int]] = []
+        free: list[int] = []
+        for i in sorted(range(b), key=lambda i: (-sizes[i], i)):  # first-fit decreasing, deterministic
+            for r, room in enumerate(free):
+                if sizes[i] <= room:
+                    rows[r].append(i)
+                    free[r] -= sizes[i]
+                    break
+            else:
+                rows.append([i])
+                free.append(width - sizes[i])
+        ids = [[self.pad_token_id] * width for _ in rows]
+        pos = [[0] * width for _ in rows]
+        seg = [[0] * width for _ in rows]  # 1.. per pair in the row, 0 = padding
+        branch = [[-1] * width for _ in rows]  # 0 prompt, 1 chosen, 2 rejected
+        src_row: list[int] = []
+        src_col: list[int] = []
+        targets: list[int] = []
+        seq_index: list[int] = []
+        for r, members in enumerate(rows):
+            col = 0
+            for k, i in enumerate(members):
+                f = features[i]
+                prompt = f["prompt_ids"]
+                n_p = len(prompt)
+                last_prompt = col + n_p - 1
+                ids[r][col:col + n_p] = prompt
+                pos[r][col:col + n_p] = range(n_p)
+                seg[r][col:col + n_p] = [k + 1] * n_p
+                branch[r][col:col + n_p] = [0] * n_p
+                start = col + n_p
+                for which, resp in ((1, f["chosen_ids"]), (2, f["rejected_ids"])):
+                    n = len(resp)
+                    ids[r][start:start + n] = resp
+                    pos[r][start:start + n] = range(n_p, n_p + n)
+                    seg[r][start:start + n] = [k + 1] * n
+                    branch[r][start:start + n] = [which] * n
+                    src_row.extend([r] * n)
+                    src_col.extend([last_prompt] + list(range(start, start + n - 1)))
+                    targets.extend(resp)
+                    seq_index.extend([i if which == 1 else b + i] * n)
+                    start += n
+                col = start
+        seg_t, branch_t = torch.tensor(seg), torch.tensor(branch)
+        same_pair = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, None, :] > 0)
+        visible = (branch_t[:, None, :] == 0) | (branch_t[:, None, :] == branch_t[:, :, None])
+        mask = same_pair & visible & torch.ones(width, width, dtype=torch.bool).tril()
+        mask |= torch.eye(width, dtype=torch.bool)
+        batch = {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "position_ids": torch.tensor(pos, dtype=torch.long),
+            "attention_mask": mask[:, None],
+            "src_row": torch.tensor(src_row, dtype=torch.long),
+            "src_col": torch.tensor(src_col, dtype=torch.long),
+            "targets": torch.tensor(targets, dtype=torch.long),
+            "seq_index": torch.tensor(seq_index, dtype=torch.long),
+            "lengths": torch.tensor([len(f["chosen_ids"]) for f in features]
+                                    + [len(f["rejected_ids"]) for f in features], dtype=torch.long),
+            "margin": torch.tensor([f.get("margin") or 0.0 for f in features], dtype=torch.float),
+            "index": torch.tensor([f.get("index", i) for i, f in enumerate(features)], dtype=torch.long),
+        }
+        if "ref_chosen" in features[0]:
+            batch["ref_logps"] = torch.tensor([f["ref_chosen"] for f in features]
+                                              + [f["ref_rejected"] for f in features], dtype=torch.float)
         return batch

@@ -140,6 +140,12 @@ def _load(cfg, want: str | None = None, key: str | None = None,
     if not detect:
         return spec, rows, "prompt_only"
     shape = detect_shape(set(rows[0].values), spec)
+    half = [c for c in SHAPES["preference"] if c not in rows[0].values]
+    if want == "preference" and shape != want and len(half) == 1:  # one of chosen / rejected
+        raise DataError(f"the data has no {half[0]!r} column (columns: {_cols(rows[0])}); preference training needs "
+                        "both 'chosen' and 'rejected'", where=spec.source,
+                        fix=f"add a {half[0]!r} column, or map an existing one with {spec.key}.columns, "
+                            f"e.g. {{bad: rejected}}")
     if want and shape != want:
         raise DataError(f"this is a {_label(shape)} dataset (columns: {_cols(rows[0])}), but preference training "
                         "needs 'chosen' and 'rejected' columns (and optionally 'prompt')", where=spec.source,

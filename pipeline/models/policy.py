@@ -1,7 +1,8 @@
 """Policy models: base (built-in or pretrained), LoRA, and from upstream artifacts."""
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from pipeline.models.loading import (
     build_causal_lm,
@@ -37,6 +38,49 @@ def apply_lora(model, lora_cfg):
     cfg = LoraConfig(task_type="CAUSAL_LM", r=lora_cfg.r, lora_alpha=lora_cfg.alpha,
                      lora_dropout=lora_cfg.dropout, target_modules=target)
     return get_peft_model(model, cfg)
+
+
+def disable_dropout(model):
+    """Set every dropout probability to 0 (TRL's ``disable_dropout``: log-probs of the policy and
+    its reference must not be noisy); returns ``model``."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@contextmanager
+def reference_of(policy, ref_model=None) -> Iterator:
+    """The reference model to score with: ``ref_model``, or, when it is None, ``policy`` itself with
+    its LoRA adapters disabled (the PEFT reference: no second copy of the weights)."""
+    if ref_model is not None:
+        yield ref_model
+        return
+    if not hasattr(policy, "disable_adapter"):
+        raise ValueError("no reference model given and the policy has no LoRA adapters to disable")
+    with policy.disable_adapter():
+        yield policy
+
+
+#: config attributes under which a model transforms its logits after the LM head
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "logits_scaling",
+                     "lm_head_multiplier")
+
+
+def causal_lm_parts(model):
+    """(backbone, lm_head) of a Hugging Face causal LM (also inside a PEFT wrapper), so the head can
+    run on selected positions only; None when the model's logits are not ``lm_head(backbone(x))``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    backbone = getattr(base, "base_model", None)
+    if head is None or backbone is None or backbone is base:
+        return None
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    if any(getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS):
+        return None
+    return backbone, head
 
 
 def policy_from_artifact(art):
