@@ -228,6 +228,37 @@ def tokenize_pairs(examples: Sequence[PreferenceExample], tokenizer, max_length:
     return rows
 
 
+def tokenize_comparisons(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], tokenizer, max_length: int,
+                         where: str = "preference_model.data", on_long_prompt: str = "error",
+                         sources: Sequence[str | None] | None = None) -> tuple[list[list[int] | None], list[list[int] | None]]:
+    """Token ids a pairwise preference model reads for (prompt, a, b), in both orders:
+    ``prompt + a' + [eos] + b' + [eos]`` and ``prompt + b' + [eos] + a' + [eos]``.
+
+    Both responses are cut to the same budget ``(max_length - len(prompt) - 2) // 2`` tokens
+    (a' and b'), so the two orders hold exactly the same tokens. Causal backbones only. A prompt
+    longer than ``max_length - 4`` tokens errors or (``drop``) gives ``None`` for that row.
+    """
+    _check_mode(on_long_prompt)
+    enc = _Encoder(tokenizer, where)
+    p_ids = enc.prompts(list(prompts))
+    a_ids, b_ids = enc.encode(list(a)), enc.encode(list(b))
+    drop = _long_prompts(p_ids, max_length - 4, f"max_length={max_length} (prompt + two responses)", where,
+                         on_long_prompt, sources)
+    ab: list[list[int] | None] = []
+    ba: list[list[int] | None] = []
+    for i, (p, x, y) in enumerate(zip(p_ids, a_ids, b_ids)):
+        if i in drop:
+            ab.append(None)
+            ba.append(None)
+            continue
+        budget = (max_length - len(p) - 2) // 2
+        x = (x[:-1] if x and x[-1] == enc.eos else x)[:budget]
+        y = (y[:-1] if y and y[-1] == enc.eos else y)[:budget]
+        ab.append(p + x + [enc.eos] + y + [enc.eos])
+        ba.append(p + y + [enc.eos] + x + [enc.eos])
+    return ab, ba
+
+
 class PairCollator:
     """Right-pads chosen and rejected to one common length (so they can share a forward pass).
 

@@ -38,6 +38,16 @@ def apply_lora(model, lora_cfg):
     return get_peft_model(model, cfg)
 
 
+def disable_dropout(model):
+    """Set every dropout probability to 0 (online RL: log-probs must match between sampling and training)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
 def policy_from_artifact(art):
     """(model, tokenizer) saved by an upstream stage."""
     model = load_causal_lm(art.model_dir, key=f"artifact {art.path}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from pipeline.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, requirements
@@ -22,7 +21,7 @@ from pipeline.data import load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
 from pipeline.models.loading import save_pretrained
-from pipeline.models.policy import apply_lora, policy_from_artifact
+from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
 from pipeline.models.reward import RewardScorer
 from pipeline.models.value import build_critic
 from pipeline.modules.rl import OnlineRLModule
@@ -53,13 +52,6 @@ def validate_batch_sizes(cfg) -> None:
         raise ConfigError(f"unknown value {a.kl_penalty!r}; choose reward or loss", where="algorithm.kl_penalty")
     if a.value_init not in ("reward", "policy"):
         raise ConfigError(f"unknown value {a.value_init!r}; choose reward or policy", where="algorithm.value_init")
-
-
-def _no_dropout(model):
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    return model
 
 
 @STAGES.register("rl")
@@ -93,7 +85,7 @@ class RLStage(Stage):
         task = build_task(cfg.task)
         sft = self.input("policy")
         policy, tokenizer = policy_from_artifact(sft)
-        _no_dropout(policy)
+        disable_dropout(policy)
         ref_policy = None
         if rcfg.lora.enabled:  # the reference is the same model with its adapters disabled
             policy = apply_lora(policy, rcfg.lora)
