@@ -55,8 +55,9 @@ def print_summary(results: dict, run_info: dict, run_dir: Path, *, headline: dic
             pt.add_row(name, *[_fmt(vals.get(c, float("nan"))) for c in cols])
         console.print(pt)
         for judge, matrix in (ev.get("win_rates") or {}).items():
-            if matrix:
-                console.print(win_rate_table(matrix, f"{stage}: win rate of row over column ({_JUDGES.get(judge, judge)})"))
+            if matrix:  # the title on its own line: a table title wraps to the table's width
+                console.print(f"{stage}: win rate of row over column ({_JUDGES.get(judge, judge)})", style="italic")
+                console.print(win_rate_table(matrix))
     console.print(f"outputs: {run_dir}")
 
 
@@ -65,11 +66,11 @@ _JUDGES = {"gold_preference": "gold preference, ± 95% CI", "preference_model": 
            "class_game": "class game, exact from the class distributions"}
 
 
-def win_rate_table(matrix: dict, title: str) -> Table:
+def win_rate_table(matrix: dict) -> Table:
     """Rows beat columns with the given probability (``mean`` ± ``ci95`` when there is one)."""
     names = list(matrix)
     cols = list(dict.fromkeys(b for row in matrix.values() for b in row))
-    t = Table(title=title)
+    t = Table()
     t.add_column("")
     for c in cols:
         t.add_column(c, justify="right")

@@ -67,7 +67,7 @@ def test_both_orders_hold_the_same_tokens_under_truncation(scorer):
 
 
 def test_needs_its_backbone(tmp_path):
-    cfg = compose(["pipeline=preference_model", "pipeline.stages.1.inputs={}"], tmp_path)
+    cfg = compose(["pipeline=preference_model", "~pipeline.stages.1.inputs.policy"], tmp_path)
     with pytest.raises(ConfigError, match="has no `policy` input"):
         plan(cfg)
 

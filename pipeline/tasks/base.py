@@ -113,6 +113,10 @@ class Task:
         ga, gb = self.gold_reward(prompts, a), self.gold_reward(prompts, b)
         return [_sigmoid(self.cfg.bt_beta * (x - y)) for x, y in zip(ga, gb)]
 
+    def annotation_candidate(self, row: dict, rng: random.Random) -> str:
+        """A response shown to the synthetic annotator (preference pairs): a demonstration by default."""
+        return self.demonstrate(row, rng)
+
     def class_game(self) -> ClassGame | None:
         """The exact class-level game when the gold preference is decided by a class map (else None)."""
         return None
@@ -158,12 +162,12 @@ class Task:
         rng = random.Random(split_seed(self.cfg.seed, split + ":labels"))
         out = []
         for row in self.prompts(split):
-            a = self.demonstrate(row, rng)
-            b = self.demonstrate(row, rng)
+            a = self.annotation_candidate(row, rng)
+            b = self.annotation_candidate(row, rng)
             for _ in range(4):  # prefer distinct responses
                 if b != a:
                     break
-                b = self.demonstrate(row, rng)
+                b = self.annotation_candidate(row, rng)
             p_a = self.gold_preference([row["prompt"]], [a], [b])[0]
             a_wins = rng.random() < p_a
             if rng.random() < self.cfg.label_noise:

@@ -25,7 +25,8 @@ demonstrations as reference: 0.38 / 0.30 / 0.32, exploitability 0.04 against 0.1
 demonstrations). Preference pairs are labelled by sampling P* (with ``task.label_noise``).
 
 Options: ``class_probs`` ([0.4, 0.4, 0.2]; its length K in {3, 5, 7} is the number of
-moves), ``strength`` (1.0).
+moves), ``strength`` (1.0), ``invalid_rate`` (0.1: the share of malformed responses among
+those the annotator compares, so that judges learn that they lose).
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ class IntransitiveOptions:
     class_probs: List[float] = dataclasses.field(default_factory=lambda: [0.4, 0.4, 0.2])
     #: s in (0, 1]: a move beats the next ones in the cycle with probability 1/2 + s/2
     strength: float = 1.0
+    #: share of malformed responses (no move, or two moves) among those the annotator compares, as
+    #: in data sampled from an imperfect model: judges learn that they lose
+    invalid_rate: float = 0.1
 
 
 def cyclic_matrix(k: int, strength: float) -> list[list[float]]:
@@ -87,6 +91,8 @@ class IntransitiveTask(Task):
                               where="task.options.class_probs", fix="e.g. [0.4, 0.4, 0.2]")
         if not 0 < float(self.options.strength) <= 1:
             raise ConfigError(f"must be in (0, 1], got {self.options.strength}", where="task.options.strength")
+        if not 0 <= float(self.options.invalid_rate) < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.options.invalid_rate}", where="task.options.invalid_rate")
         total = sum(probs)
         self.class_probs = [p / total for p in probs]
         self.moves = CYCLES[len(probs)]
@@ -103,6 +109,17 @@ class IntransitiveTask(Task):
         if rng.random() < 0.7:
             words.append(".")
         return " " + " ".join(words)
+
+    def annotation_candidate(self, row: dict, rng: random.Random) -> str:
+        """A demonstration, or with probability ``invalid_rate`` a malformed one (its move dropped, or a
+        second move added)."""
+        text = self.demonstrate(row, rng)
+        if rng.random() >= float(self.options.invalid_rate):
+            return text
+        words = text.split()
+        if rng.random() < 0.5:
+            return " " + " ".join(words[1:] or ["."])
+        return " " + " ".join(words[:1] + [rng.choice([m for m in self.moves if m != words[0]])] + words[1:])
 
     def corpus(self) -> list[str]:
         rng = random.Random(split_seed(self.cfg.seed, "corpus"))
@@ -152,8 +169,9 @@ class IntransitiveTask(Task):
         return "cross_class" if ca != cb else "same_class"
 
     def eval_pairs(self) -> list[PreferenceExample]:
-        """Demonstration pairs (``cross_class`` / ``same_class``) plus, per prompt, every ordered
-        pair of distinct moves (``cycle``) so the cyclic part is tested on every edge."""
+        """Demonstration pairs (``cross_class`` / ``same_class``) plus, per prompt, a pair of two
+        distinct moves (``cycle``: every edge of the cycle gets tested) and a demonstration against a
+        malformed response (``invalid``)."""
         pairs = super().eval_pairs()
         rng = random.Random(split_seed(self.cfg.seed, "eval_pairs:cycle"))
         for row in self.prompts("eval"):
@@ -162,4 +180,7 @@ class IntransitiveTask(Task):
             if self.matrix[i][j] != 0.5:
                 chosen, rejected = (a, b) if self.matrix[i][j] > 0.5 else (b, a)
                 pairs.append(PreferenceExample(row["prompt"], chosen, rejected, subset="cycle"))
+            good = self.demonstrate(row, rng)
+            bad = " " + " ".join(good.split()[1:] or ["."]) if rng.random() < 0.5 else f" {self.moves[i]} {self.moves[j]} ."
+            pairs.append(PreferenceExample(row["prompt"], good, bad, subset="invalid"))
         return pairs
