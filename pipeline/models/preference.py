@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification
 
 from pipeline.data.collate import tokenize_comparisons
 from pipeline.models.loading import load_tokenizer
-from pipeline.models.reward import _score_head, member_scores, pad_batch
+from pipeline.models.reward import member_scores, pad_batch
 
 META = "preference_meta.json"
 
@@ -98,11 +98,3 @@ class PreferenceScorer:
         self.model.to(device)
         return self
 
-
-def init_head(backbone) -> None:
-    """N+ head initialisation (N(0, 1/√(d+1)), zero bias), as for reward models."""
-    head = _score_head(backbone)
-    if head is not None:
-        torch.nn.init.normal_(head.weight, std=1.0 / (head.weight.shape[1] + 1) ** 0.5)
-        if head.bias is not None:
-            torch.nn.init.zeros_(head.bias)
