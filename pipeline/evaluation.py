@@ -1,18 +1,32 @@
 """Evaluation, in one place: sampling policies on held-out prompts, KL to a reference,
-gold / proxy scoring, reward-model accuracy, and the structured result file.
+gold / proxy scoring, reward- and preference-model accuracy and calibration, win rates
+between policies, exploitability, and the structured result file.
 
-The ``evaluate`` stage and the online-RL stage's periodic held-out curve both call
+The ``evaluate`` stage and the online stages' periodic held-out curves call
 :func:`evaluate_policy`. An evaluate stage writes ``evaluation.json``::
 
     {"reference": "sft",
      "policies": {"sft": {"gold_reward": .., "gold_reward_std": .., "gold_reward_ci95": ..,
                           "proxy_reward": .., "kl": .., "response_length": .., "eos_rate": ..,
-                          "num_samples": ..}, ...},
+                          "win_rate": .., "win_rate_ci95": ..,           # vs the reference policy
+                          "exploitability": .., "regularized_exploitability": ..,
+                          "class_distribution": {..}, "num_samples": ..}, ...},
+     "win_rates": {"gold_preference": {"ppo": {"sft": {"mean": .., "ci95": ..}, ..}, ..},
+                   "preference_model": {..},     # with a `preference` input
+                   "class_game": {..}},          # exact from the class distributions
      "reward_models": {"rm": {"accuracy": .., "by_subset": {..}, "pairs": ..}},
+     "preference_models": {"pm": {"accuracy": .., "by_subset": {..}, "ece": .., "gold_mae": .., "pairs": ..}},
      "examples": [{"policy", "index", "prompt", "completion", "gold_reward", "proxy_reward"}, ...]}
 
 which the summary table and the reports read; :func:`flat_metrics` gives the same numbers
-as ``eval/<policy>/<metric>`` keys (what sweeps optimise; the last policy's also as ``eval/<metric>``).
+as ``eval/<policy>/<metric>`` keys (what sweeps optimise; the last policy's also as
+``eval/<metric>``), win rates as ``eval/<policy>/win_rate_vs_<other>`` (gold preference) and
+``eval/<policy>/pm_win_rate_vs_<other>`` (learned preference).
+
+Win rates are paired: every policy is sampled on the same prompts, the same number of times,
+so sample i of policy A and sample i of policy B answer the same prompt; the win rate of A
+over B is the mean of P(a_i ≻ b_i | x_i) and its 95% confidence half-width comes from the
+per-prompt means (samples of one prompt are not independent).
 """
 from __future__ import annotations
 
@@ -29,9 +43,12 @@ from pipeline.rollout.engine import HFRolloutEngine, RolloutBatch, SamplingParam
 
 EVALUATION_FILE = "evaluation.json"
 #: per-policy metrics, in the order tables show them
-POLICY_METRICS = ("gold_reward", "proxy_reward", "kl", "response_length", "eos_rate")
+POLICY_METRICS = ("gold_reward", "proxy_reward", "kl", "win_rate", "exploitability", "regularized_exploitability",
+                  "response_length", "eos_rate")
 
 GoldFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
+#: P(a_i ≻ b_i | prompt_i) for lists of prompts and two lists of responses
+PreferenceFn = Callable[[Sequence[str], Sequence[str], Sequence[str]], Sequence[float]]
 
 
 @dataclass
@@ -144,42 +161,161 @@ def rm_accuracy(scorer, pairs: Sequence[PreferenceExample]) -> dict:
     return {"accuracy": float(correct.mean()), "by_subset": by_subset, "pairs": len(pairs)}
 
 
+def expected_calibration_error(p: torch.Tensor, first_wins: torch.Tensor, bins: int = 10) -> float:
+    """Top-label expected calibration error of binary predictions: the prediction is "first wins"
+    when p > ½ with confidence max(p, 1 − p); over ``bins`` equal-width confidence bins of [½, 1],
+    Σ_b (n_b / N)·|accuracy_b − mean confidence_b|. 0 for a calibrated predictor."""
+    p = p.double()
+    conf = torch.maximum(p, 1 - p)
+    correct = ((p > 0.5) == first_wins.bool()).double()
+    idx = ((conf - 0.5) * 2 * bins).long().clamp_(0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += float(m.double().mean()) * abs(float(correct[m].mean()) - float(conf[m].mean()))
+    return ece
+
+
+def preference_accuracy(scorer, pairs: Sequence[PreferenceExample], *, bins: int = 10,
+                        gold: PreferenceFn | None = None) -> dict:
+    """A pairwise preference model on labelled pairs: accuracy (P(chosen ≻ rejected) > ½) overall and
+    per ``subset``, expected calibration error (:func:`expected_calibration_error`) and, with the
+    task's ``gold`` preference, ``gold_mae`` = mean |P − P*| (how far from the true probabilities)."""
+    prompts = [p.prompt for p in pairs]
+    chosen, rejected = [p.chosen for p in pairs], [p.rejected for p in pairs]
+    prob = scorer.preference(prompts, chosen, rejected).double()
+    correct = (prob > 0.5).double()
+    by_subset = {}
+    for subset in sorted({p.subset for p in pairs}):
+        idx = torch.tensor([p.subset == subset for p in pairs])
+        by_subset[subset] = float(correct[idx].mean())
+    out = {"accuracy": float(correct.mean()), "by_subset": by_subset,
+           "ece": expected_calibration_error(prob, torch.ones_like(prob), bins), "pairs": len(pairs)}
+    if gold is not None:
+        target = torch.tensor(list(gold(prompts, chosen, rejected)), dtype=torch.float64)
+        out["gold_mae"] = float((prob - target).abs().mean())
+    return out
+
+
+# ----------------------------------------------------------------------------- win rates / games
+def paired_win_rate(pref: torch.Tensor, group_index: torch.Tensor) -> tuple[float, float]:
+    """(mean, 95% half-width) of paired preferences ``pref[i]`` = P(a_i ≻ b_i), with the interval
+    over the per-prompt means (``group_index[i]`` = the prompt of pair i)."""
+    pref, group_index = pref.double(), group_index.long()
+    n_groups = int(group_index.max()) + 1 if len(group_index) else 0
+    sums = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, pref)
+    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(pref))
+    per_prompt = sums[counts > 0] / counts[counts > 0]
+    mean, _, ci = _mean_std_ci(per_prompt)
+    return mean, ci
+
+
+def win_rate_matrix(prompts: Sequence[str], completions: dict[str, list[str]], group_index: torch.Tensor,
+                    preference: PreferenceFn) -> dict[str, dict[str, dict[str, float]]]:
+    """{A: {B: {"mean", "ci95"}}} for every ordered pair of policies A ≠ B, from paired samples
+    (``completions[A][i]`` and ``completions[B][i]`` answer ``prompts[i]``). The preference is
+    antisymmetric, so each unordered pair is judged once and P(B ≻ A) = 1 − P(A ≻ B)."""
+    names = list(completions)
+    out: dict[str, dict[str, dict[str, float]]] = {n: {} for n in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            pref = torch.tensor(list(preference(prompts, completions[a], completions[b])), dtype=torch.float64)
+            mean, ci = paired_win_rate(pref, group_index)
+            out[a][b] = {"mean": mean, "ci95": ci}
+            out[b][a] = {"mean": 1.0 - mean, "ci95": ci}
+    return out
+
+
+def class_distribution(classes: Sequence[int], n_classes: int) -> torch.Tensor:
+    """Empirical distribution of class indices (float64)."""
+    counts = torch.bincount(torch.as_tensor(list(classes), dtype=torch.long), minlength=n_classes).double()
+    return counts / counts.sum().clamp_min(1)
+
+
+def smoothed(dist: torch.Tensor, count: int) -> torch.Tensor:
+    """Add-½ (Jeffreys) smoothing of an empirical distribution of ``count`` samples, so the KL terms
+    of the regularised game stay finite when a class was never sampled."""
+    return (dist * count + 0.5) / (count + 0.5 * dist.numel())
+
+
+def game_metrics(matrix, dist: torch.Tensor, ref_dist: torch.Tensor, *, beta: float, count: int,
+                 ref_count: int) -> dict[str, float]:
+    """Exploitability of a policy's class distribution in the task's class game (ALGORITHMS.md D):
+    ``exploitability`` = max_c P(c ≻ π) − ½ (0 at a Nash equilibrium) and
+    ``regularized_exploitability`` = β·log Σ_c π_ref(c)·e^{P(c ≻ π)/β} + β·KL(π‖π_ref) − ½ (0 at the
+    β-regularised equilibrium), with the reference's class distribution as π_ref (both smoothed,
+    :func:`smoothed`)."""
+    from pipeline.algorithms import games
+
+    P = games.check_preference(torch.as_tensor(matrix, dtype=torch.float64))
+    pi, ref = smoothed(dist, count), smoothed(ref_dist, ref_count)
+    return {"exploitability": games.exploitability(P, dist),
+            "regularized_exploitability": games.regularized_exploitability(P, pi, ref, beta=beta)}
+
+
 class HeldOutEvaluator:
-    """The online-RL stage's periodic held-out evaluation (the over-optimisation curve):
-    ``evaluator(policy) -> {"eval/gold_reward", "eval/proxy_reward", "eval/kl"}``.
+    """The online stages' periodic held-out evaluation (the over-optimisation curve):
+    ``evaluator(policy) -> {"eval/gold_reward", "eval/proxy_reward", "eval/kl"}`` and, with a
+    ``preference`` (the task's gold preference) after :meth:`set_baseline`, ``eval/win_rate``: the
+    gold win rate against the baseline policy's samples on the same prompts.
 
     A class (not a closure) so spawned DDP workers can unpickle it."""
 
     def __init__(self, tokenizer, prompts: Sequence[str], *, gold: GoldFn | None, proxy, reference,
-                 max_new_tokens: int, seed: int):
+                 max_new_tokens: int, seed: int, preference: PreferenceFn | None = None):
         self.tokenizer, self.prompts = tokenizer, list(prompts)
         self.gold, self.proxy, self.reference, self.seed = gold, proxy, reference, seed
+        self.preference = preference
+        self.baseline: list[str] | None = None
         # the curve: one sample per prompt from the policy's own distribution
         self.settings = SamplingSettings(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, num_samples=1,
                                          batch_size=64)
 
+    def set_baseline(self, policy) -> None:
+        """Sample the baseline (e.g. the starting policy) once; later calls report the win rate against it."""
+        if self.preference is not None:
+            res = evaluate_policy(policy, self.tokenizer, self.prompts, self.settings, seed=self.seed + 1)
+            self.baseline = [s["completion"] for s in res.samples]
+
     def __call__(self, policy) -> dict:
         res = evaluate_policy(policy, self.tokenizer, self.prompts, self.settings, seed=self.seed, gold=self.gold,
                               proxy=self.proxy, reference=self.reference, kl_temperature=1.0)
-        return {f"eval/{k}": res.metrics[k] for k in ("gold_reward", "proxy_reward", "kl") if k in res.metrics}
+        out = {f"eval/{k}": res.metrics[k] for k in ("gold_reward", "proxy_reward", "kl") if k in res.metrics}
+        if self.baseline is not None:
+            mine = [s["completion"] for s in res.samples]
+            pref = torch.tensor(list(self.preference(self.prompts, mine, self.baseline)), dtype=torch.float64)
+            out["eval/win_rate"] = float(pref.mean())
+        return out
 
 
 # ----------------------------------------------------------------------------- the result file
 def flat_metrics(result: dict) -> dict[str, float]:
     """``evaluation.json`` as flat metric keys: ``eval/<policy>/<metric>``, the last policy's
-    also as ``eval/<metric>``, ``eval/rm_accuracy`` (+ ``/<subset>``) of the first reward model."""
+    also as ``eval/<metric>``, ``eval/<policy>/win_rate_vs_<other>`` (gold preference) and
+    ``eval/<policy>/pm_win_rate_vs_<other>`` (learned preference model), ``eval/rm_accuracy``
+    (+ ``/<subset>``) of the first reward model, ``eval/pm_accuracy`` (+ ``/<subset>``) and
+    ``eval/pm_ece`` of the first preference model."""
     out: dict[str, float] = {}
     policies = result.get("policies", {})
     for name, metrics in policies.items():
         for k, v in metrics.items():
-            if k != "num_samples":
+            if k != "num_samples" and isinstance(v, (int, float)):
                 out[f"eval/{name}/{k}"] = v
+    for judge, prefix in (("gold_preference", "win_rate_vs_"), ("preference_model", "pm_win_rate_vs_")):
+        for a, row in (result.get("win_rates", {}).get(judge) or {}).items():
+            for b, cell in row.items():
+                out[f"eval/{a}/{prefix}{b}"] = cell["mean"]
     if policies:
         last = list(policies)[-1]
         out.update({k.replace(f"eval/{last}/", "eval/"): v for k, v in list(out.items()) if k.startswith(f"eval/{last}/")})
     for rm in list(result.get("reward_models", {}).values())[:1]:
         out["eval/rm_accuracy"] = rm["accuracy"]
         out.update({f"eval/rm_accuracy/{s}": v for s, v in rm["by_subset"].items()})
+    for pm in list(result.get("preference_models", {}).values())[:1]:
+        out["eval/pm_accuracy"] = pm["accuracy"]
+        out["eval/pm_ece"] = pm["ece"]
+        out.update({f"eval/pm_accuracy/{s}": v for s, v in pm["by_subset"].items()})
     return out
 
 

@@ -1,7 +1,9 @@
 """End-of-run summary (Rich): one row per stage with its declared headline metrics, then
-the policies of each evaluate stage side by side (read from its ``evaluation.json``)."""
+the policies of each evaluate stage side by side and their win-rate matrices (read from its
+``evaluation.json``)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -27,7 +29,8 @@ def _headline(metrics: dict, keys) -> list[str]:
 
 def print_summary(results: dict, run_info: dict, run_dir: Path, *, headline: dict[str, tuple] | None = None,
                   evaluations: dict[str, dict] | None = None, console: Console | None = None) -> None:
-    console = console or Console()
+    # piped output (logs, CI) gets a wide table instead of rich's 80-column default
+    console = console or (Console() if sys.stdout.isatty() else Console(width=160))
     table = Table(title=f"pipeline {results['pipeline']!r} (seed {results['seed']})")
     for col in ("stage", "kind", "cached", "seconds", "headline metrics"):
         table.add_column(col)
@@ -47,8 +50,37 @@ def print_summary(results: dict, run_info: dict, run_dir: Path, *, headline: dic
         pt.add_column("policy")
         cols = [c for c in POLICY_METRICS if any(c in p for p in policies.values())]
         for c in cols:
-            pt.add_column(c, justify="right")
+            pt.add_column(_HEADERS.get(c, c), justify="right")
         for name, vals in policies.items():
             pt.add_row(name, *[_fmt(vals.get(c, float("nan"))) for c in cols])
         console.print(pt)
+        for judge, matrix in (ev.get("win_rates") or {}).items():
+            if matrix:  # the title on its own line: a table title wraps to the table's width
+                console.print(f"{stage}: win rate of row over column ({_JUDGES.get(judge, judge)})", style="italic")
+                console.print(win_rate_table(matrix))
     console.print(f"outputs: {run_dir}")
+
+
+_HEADERS = {"regularized_exploitability": "β-exploitability", "response_length": "length"}
+_JUDGES = {"gold_preference": "gold preference, ± 95% CI", "preference_model": "learned preference model, ± 95% CI",
+           "class_game": "class game, exact from the class distributions"}
+
+
+def win_rate_table(matrix: dict) -> Table:
+    """Rows beat columns with the given probability (``mean`` ± ``ci95`` when there is one)."""
+    names = list(matrix)
+    cols = list(dict.fromkeys(b for row in matrix.values() for b in row))
+    t = Table()
+    t.add_column("")
+    for c in cols:
+        t.add_column(c, justify="right")
+    for a in names:
+        cells = []
+        for b in cols:
+            cell = matrix[a].get(b)
+            if cell is None:
+                cells.append("-")
+            else:
+                cells.append(f"{cell['mean']:.3f}" + (f"±{cell['ci95']:.3f}" if "ci95" in cell else ""))
+        t.add_row(a, *cells)
+    return t

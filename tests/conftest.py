@@ -50,3 +50,29 @@ def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float 
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+#: the intransitive task at test size (shared by test_preference_model.py and test_nlhf.py: one SFT and
+#: one preference model per session, reused from the artifact cache of INTRANSITIVE_ROOT)
+INTRANSITIVE = [
+    "task=intransitive",
+    "task.num_train_prompts=1000",
+    "task.num_pref_prompts=1000",
+    "task.num_eval_prompts=64",
+    "model.n_layer=2",
+    "model.n_embd=64",
+    "sft.batch_size=16",
+    "preference_model.batch_size=16",
+    "preference_model.max_epochs=8",  # fewer epochs can stop at the Bradley-Terry-like plateau
+    "preference_model.optim.lr=2e-3",
+    "eval.num_samples=4",
+    "eval.max_new_tokens=8",
+    "trainer.enable_progress_bar=false",
+    "print_summary=false",
+]
+
+
+@pytest.fixture(scope="session")
+def intransitive_root(tmp_path_factory):
+    """Artifact root shared by the modules that train on the intransitive task."""
+    return tmp_path_factory.mktemp("intransitive")

@@ -38,7 +38,8 @@ class CacheConfig:
 
 @dataclass
 class TaskConfig:
-    #: built-in task: ``lexicon`` (text, hidden gold reward) or ``arithmetic`` (verifiable)
+    #: built-in task: ``lexicon`` (text, hidden gold reward), ``arithmetic`` (verifiable) or
+    #: ``intransitive`` (cyclic gold preference: a game no reward can represent)
     name: str = "lexicon"
     #: seed of the task's data generators (separate from the training ``seed``)
     seed: int = 1234
@@ -139,11 +140,13 @@ class SFTConfig:
 
 
 @dataclass
-class RewardConfig:
+class PairModelConfig:
+    """Settings shared by the models trained on preference pairs (reward and preference models)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4))
     #: backbone: ``sft`` (start from the SFT stage's model, N+ recipe) or ``model``
-    #: (build / load ``reward.model`` - e.g. a pretrained encoder - independently)
+    #: (build / load this section's ``model`` - e.g. a pretrained encoder - independently)
     init_from: str = "sft"
     model: ModelConfig = field(default_factory=ModelConfig)
     batch_size: int = 32
@@ -151,6 +154,13 @@ class RewardConfig:
     #: IDS / N+ observe RMs overfit after the first epoch
     max_epochs: int = 1
     max_steps: int = -1
+    checkpoint: bool = False
+
+
+@dataclass
+class RewardConfig(PairModelConfig):
+    """The reward stage (kind ``reward``): a Bradley-Terry reward model or an ensemble."""
+
     #: Bradley-Terry margin: use the data's ``margin`` column when present
     use_margin: bool = True
     #: reward centering coefficient c * (r_w + r_l)^2 (Eisenstein et al.)
@@ -159,7 +169,20 @@ class RewardConfig:
     ensemble_size: int = 1
     #: shift rewards so SFT demonstrations score 0 on average (N+ detail)
     normalize_to_sft: bool = True
-    checkpoint: bool = False
+
+
+@dataclass
+class PreferenceModelConfig(PairModelConfig):
+    """The pairwise preference model stage (kind ``preference_model``): P(a > b | x) read from
+    ``prompt + a + eos + b + eos``, antisymmetric by construction (see pipeline/models/preference.py)."""
+
+    #: a cycle needs more than one pass to be learnt
+    max_epochs: int = 2
+    #: tokens of prompt + both responses; null = the backbone's position limit
+    #: (each response is cut to the same budget, so both orders hold the same tokens)
+    max_length: Optional[int] = None
+    #: equal-width confidence bins of the held-out expected calibration error (val/ece)
+    calibration_bins: int = 10
 
 
 @dataclass
@@ -177,6 +200,11 @@ class EvalConfig:
     reward_aggregation: str = "mean"
     #: also evaluate the random-init / pretrained base model for comparison
     include_base: bool = False
+    #: win rates between every two evaluated policies under the gold preference (and, with a
+    #: ``preference`` input, under the learned preference model)
+    win_rates: bool = True
+    #: beta of the regularised game whose exploitability is reported (tasks with a class game)
+    exploitability_beta: float = 0.1
 
 
 @dataclass
@@ -276,33 +304,16 @@ class RLConfig:
 
 
 @dataclass
-class DPOConfig:
-    """Offline preference optimisation (kind ``dpo``): the DPO family of losses on preference pairs.
+class PreferenceLossOptions:
+    """Options of the registered preference losses, shared by every stage that trains one (``dpo``,
+    ``nlhf``): the one place their defaults live (names and defaults as TRL's ``DPOConfig`` /
+    ``CPOConfig`` where TRL has them). Which loss reads which option is declared in
+    pipeline/algorithms/preference_losses.py; a set option no chosen loss reads is an error."""
 
-    The loss options below are the one place their defaults live (names and defaults as TRL's
-    ``DPOConfig`` / ``CPOConfig`` where TRL has them); which loss reads which option is declared
-    in ``pipeline/algorithms/preference_losses.py``, and a set option no chosen loss reads is an error.
-    """
-
-    #: preference pairs: null path = the task's preference pairs (``pref`` split); else a
-    #: preference file (explicit / implicit prompt, conversational), as for ``reward.data``
-    data: DataConfig = field(default_factory=DataConfig)
-    #: lr for the tiny built-in models (TRL's 1e-6 / 5e-7 suit large pretrained models)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, scheduler="linear", warmup_ratio=0.1))
-    #: preference pairs per optimizer step per rank (each pair is two sequences in one forward pass)
-    batch_size: int = 32
-    gradient_accumulation_steps: int = 1
-    max_epochs: int = 2
-    #: -1 = run max_epochs
-    max_steps: int = -1
-    #: pairs per forward pass for held-out metrics and precomputed reference log-probs
-    eval_batch_size: int = 64
     #: one loss name or a list mixed with ``loss_weights`` (e.g. [sigmoid, sft] = RPO); see the README table
     loss_type: Any = "sigmoid"
     #: one weight per entry of ``loss_type``; null = all 1.0
     loss_weights: Optional[List[float]] = None
-    #: β: temperature of the implicit reward (IPO's τ, ORPO's λ, CPL's α, SimPO's β)
-    beta: float = 0.1
     #: ε: label-noise rate in [0, 0.5) (sigmoid = cDPO, robust, exo_pair, aot, aot_pair, simpo)
     label_smoothing: float = 0.0
     #: f-DPO score: reverse_kl (plain DPO) | forward_kl | js_divergence | alpha_divergence
@@ -319,6 +330,98 @@ class DPOConfig:
     reference_free: bool = False
     #: adds rpo_alpha x the NLL of the chosen response (RPO); null = off
     rpo_alpha: Optional[float] = None
+
+
+@dataclass
+class NLHFAlgorithmConfig(PreferenceLossOptions):
+    """Online preference optimisation (``nlhf`` stages): Nash-MD, Nash-MP, online IPO, EGPO,
+    INPO and online / iterative DPO, presets in conf/algorithm/ (each composes
+    ``algorithm_schema/nlhf``). One loop: prompts -> samples from the policy and its opponent
+    -> P(y > y') from the judge -> a registered loss -> update."""
+
+    #: preset label (nash_md, nash_mp, online_ipo, egpo, inpo, online_dpo)
+    name: str = "nash_md"
+    #: online objective: nash_md_pg | nash_mp_pg | online_ipo | inpo (the Nash losses of
+    #: pipeline/algorithms/nash.py) | best_worst (the judge's best and worst of num_generations
+    #: samples - or, for listwise losses, all of them ranked - trained with loss_type)
+    loss: str = "nash_md_pg"
+    #: plain (one gradient step per iteration) | extragradient (two half steps from the same
+    #: weights, the second against the half-step policy: Nash-MP's mirror prox, EGPO)
+    update_rule: str = "plain"
+    #: KL-regularisation coefficient of the game (TRL ``beta``; INPO's tau; DPO's beta)
+    beta: float = 0.1
+    #: Nash-MD: the opponent samples from softmax((1 - a) * logits_pi + a * logits_ref) (TRL name;
+    #: the geometric mixture pi^(1-eta*beta) pi_ref^(eta*beta) with a = eta * beta)
+    mixture_coef: float = 0.5
+    #: Nash-MP prox step (its anchor term weighs beta/eta; eta = 2 beta matches the contraction
+    #: rate) / INPO's OMD step
+    eta: float = 0.2
+    #: gradient steps per half step (update_rule=extragradient); the anchor terms act from the 2nd on
+    inner_steps: int = 1
+    #: responses sampled from the policy per prompt (and as many opponent responses)
+    num_generations: int = 2
+    #: rollout sampling
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 24
+    #: subtracted from the judge's logit of a response without EOS (TRL semantics for scores)
+    missing_eos_penalty: Optional[float] = None
+
+
+@dataclass
+class NLHFConfig:
+    """The online preference stage (kind ``nlhf``): the loop shared by every Nash method and
+    online / iterative DPO, settings for the stage (the algorithm's are in ``algorithm.*``)."""
+
+    #: who says P(y > y'): null = the stage's ``judge`` input (a reward model, through
+    #: sigmoid(r - r'), or a pairwise preference model); gold_preference | gold_reward = the task's
+    judge: Optional[str] = None
+    #: ensemble aggregation when the judge is a reward model: mean | wco | uwo
+    reward_aggregation: str = "mean"
+    uwo_coef: float = 1.0
+    #: prompts per iteration per rank
+    prompts_per_step: int = 16
+    #: rounds x steps_per_round iterations in all
+    rounds: int = 40
+    #: iterations per round: the round's starting policy pi_t is frozen and samples the round's
+    #: responses (INPO, iterative DPO); 1 = fully online (pi_t is always the current policy)
+    steps_per_round: int = 1
+    #: the KL reference becomes the current policy every k rounds (k = 1: DNO-style iterative
+    #: DPO); 0 = never (it stays the input policy)
+    ref_update_every: int = 0
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, scheduler="constant_with_warmup",
+                                                                   warmup_ratio=0.0))
+    #: prompts: null path = the task's ``rl`` split; else a prompt-only file (``prompt`` column)
+    data: DataConfig = field(default_factory=DataConfig)
+    #: held-out evaluation (gold reward, KL, gold win rate against the starting policy) every
+    #: N iterations into curve.jsonl; 0 = off
+    eval_every: int = 10
+    eval_prompts: int = 64
+    #: LoRA adapters on the input policy; the reference is the same model with adapters off
+    #: (a copy is still made where a frozen model must sample: Nash-MD's mixture, anchors)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+@dataclass
+class DPOConfig(PreferenceLossOptions):
+    """Offline preference optimisation (kind ``dpo``): the DPO family of losses on preference pairs
+    (the loss options, shared with the online preference stage, are :class:`PreferenceLossOptions`)."""
+
+    #: preference pairs: null path = the task's preference pairs (``pref`` split); else a
+    #: preference file (explicit / implicit prompt, conversational), as for ``reward.data``
+    data: DataConfig = field(default_factory=DataConfig)
+    #: lr for the tiny built-in models (TRL's 1e-6 / 5e-7 suit large pretrained models)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, scheduler="linear", warmup_ratio=0.1))
+    #: preference pairs per optimizer step per rank (each pair is two sequences in one forward pass)
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_epochs: int = 2
+    #: -1 = run max_epochs
+    max_steps: int = -1
+    #: pairs per forward pass for held-out metrics and precomputed reference log-probs
+    eval_batch_size: int = 64
+    #: β: temperature of the implicit reward (IPO's τ, ORPO's λ, CPL's α, SimPO's β)
+    beta: float = 0.1
     #: subtract the data's per-pair ``margin`` column inside the loss (ODPO-style offset;
     #: sigmoid / robust); pairs without one get 0
     use_margin: bool = False
@@ -401,13 +504,17 @@ class Config:
     cache: CacheConfig = field(default_factory=CacheConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    preference_model: PreferenceModelConfig = field(default_factory=PreferenceModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     #: the algorithm preset (``algorithm=ppo``...): typed by the schema its option composes
-    #: (``algorithm_schema/rl`` for online RL; other stage kinds register their own)
+    #: (``algorithm_schema/rl`` for online RL, ``algorithm_schema/nlhf`` for Nash methods and
+    #: online DPO; other stage kinds register their own)
     algorithm: Any = None
     rl: RLConfig = field(default_factory=RLConfig)
     #: offline preference optimisation (``dpo`` stages: DPO, IPO, SimPO, f-DPO, ...)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    #: online preference optimisation (``nlhf`` stages: Nash-MD, Nash-MP, online IPO, EGPO, INPO, online DPO)
+    nlhf: NLHFConfig = field(default_factory=NLHFConfig)
     #: training seed (model init, data order, sampling); tasks have their own seed
     seed: int = 0
     #: recompute every stage even when a cached artifact matches
@@ -437,5 +544,6 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(group="algorithm_schema", name="rl", node=AlgorithmConfig)
+    cs.store(group="algorithm_schema", name="nlhf", node=NLHFAlgorithmConfig)
     for name, task_cls in TASKS.items():
         cs.store(group="task_options", name=name, node=task_cls.Options)

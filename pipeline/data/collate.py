@@ -108,6 +108,28 @@ def fit_prompts(prompt_ids: list[list[int]], limit: int, budget: str, where: str
     return out, set()
 
 
+def fit_prompt_rows(rows: list[dict], tokenizer, context: int, max_new_tokens: int, where: str,
+                    on_long_prompt: str, new_tokens_key: str = "algorithm.max_new_tokens") -> tuple[list[dict], int | None]:
+    """Prompt rows (``load_prompt_rows``) checked against a sampling budget before the first rollout:
+    ``on_long_prompt`` errors (naming ``file:LINE``), drops, or marks for left truncation the prompts
+    that leave no room for ``max_new_tokens`` in the model's ``context``. Returns the rows and the
+    prompt-token limit the rollout engine should cut to (None: no truncation)."""
+    from pipeline.data.formats import SOURCE
+    from pipeline.errors import ConfigError
+
+    limit = context - max_new_tokens
+    if limit < 1:
+        raise ConfigError(f"{new_tokens_key}={max_new_tokens} leaves no room for a prompt in the model's context "
+                          f"of {context} tokens", where=new_tokens_key)
+    ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
+    _, dropped = fit_prompts(ids, limit, f"the model's context ({context}) minus {new_tokens_key} ({max_new_tokens})",
+                             where, on_long_prompt, [r.get(SOURCE) for r in rows])
+    rows = [r for i, r in enumerate(rows) if i not in dropped]
+    if not rows:
+        raise DataError("no prompts left after dropping the ones that are too long", where=where)
+    return rows, limit if on_long_prompt == "truncate_left" else None
+
+
 # ----------------------------------------------------------------------------- shuffling
 def _rebuild_generator(state: bytes) -> "SeededGenerator":
     g = SeededGenerator()
@@ -254,6 +276,37 @@ def tokenize_pairs(examples: Sequence[PreferenceExample], tokenizer, max_length:
         log.warning("%s: %d of %d pairs have identical chosen/rejected tokens after truncation to %d",
                     where, same, len(rows), max_length)
     return rows
+
+
+def tokenize_comparisons(prompts: Sequence[str], a: Sequence[str], b: Sequence[str], tokenizer, max_length: int,
+                         where: str = "preference_model.data", on_long_prompt: str = "error",
+                         sources: Sequence[str | None] | None = None) -> tuple[list[list[int] | None], list[list[int] | None]]:
+    """Token ids a pairwise preference model reads for (prompt, a, b), in both orders:
+    ``prompt + a' + [eos] + b' + [eos]`` and ``prompt + b' + [eos] + a' + [eos]``.
+
+    Both responses are cut to the same budget ``(max_length - len(prompt) - 2) // 2`` tokens
+    (a' and b'), so the two orders hold exactly the same tokens. Causal backbones only. A prompt
+    longer than ``max_length - 4`` tokens errors, gives ``None`` for that row (``drop``) or keeps
+    its last tokens (``truncate_left``).
+    """
+    enc = _Encoder(tokenizer, where)
+    p_ids = enc.prompts(list(prompts))
+    a_ids, b_ids = enc.encode(list(a)), enc.encode(list(b))
+    p_ids, drop = fit_prompts(p_ids, max_length - 4, f"max_length={max_length} (prompt + two responses)", where,
+                              on_long_prompt, sources, enc.prefix)
+    ab: list[list[int] | None] = []
+    ba: list[list[int] | None] = []
+    for i, (p, x, y) in enumerate(zip(p_ids, a_ids, b_ids)):
+        if i in drop:
+            ab.append(None)
+            ba.append(None)
+            continue
+        budget = (max_length - len(p) - 2) // 2
+        x = (x[:-1] if x and x[-1] == enc.eos else x)[:budget]
+        y = (y[:-1] if y and y[-1] == enc.eos else y)[:budget]
+        ab.append(p + x + [enc.eos] + y + [enc.eos])
+        ba.append(p + y + [enc.eos] + x + [enc.eos])
+    return ab, ba
 
 
 class PairCollator:

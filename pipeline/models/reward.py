@@ -43,6 +43,36 @@ def load_sequence_classifier(name_or_path: str | Path, *, pad_token_id: int | No
     return model
 
 
+def build_sequence_classifier(mcfg, tokenizer):
+    """A random-init sequence classifier (one label) of the built-in ``mcfg.arch`` sized for ``tokenizer``."""
+    from pipeline.models.loading import build_causal_lm
+
+    lm = build_causal_lm(mcfg, tokenizer)
+    lm.config.num_labels = 1
+    return AutoModelForSequenceClassification.from_config(lm.config)
+
+
+def classifier_source(init_from: str, *, policy_dir, model_cfg, corpus_fn, max_length: int, key: str):
+    """How a stage trained on pairs builds its classifier backbone: ``(make, tokenizer, max_length)``.
+
+    ``init_from="sft"``: from the SFT policy in ``policy_dir`` (its tokenizer; ``max_length`` is the
+    policy's ``model.max_length``). ``init_from="model"``: ``model_cfg`` (the section's ``model``):
+    a pretrained classifier / encoder (``name_or_path``) or a random-init built-in ``arch`` with a
+    tokenizer trained on ``corpus_fn()``. ``make()`` returns a fresh model each call (ensembles)."""
+    from pipeline.models.loading import resolve_tokenizer
+
+    if init_from == "sft":
+        tokenizer = load_tokenizer(str(policy_dir), key=f"{key}.init_from")
+        return (lambda: load_sequence_classifier(policy_dir, pad_token_id=tokenizer.pad_token_id,
+                                                 key=f"{key}.init_from")), tokenizer, max_length
+    tokenizer = resolve_tokenizer(model_cfg, corpus_fn, key=f"{key}.model")
+    if model_cfg.name_or_path:
+        return (lambda: load_sequence_classifier(model_cfg.name_or_path, pad_token_id=tokenizer.pad_token_id,
+                                                 trust_remote_code=model_cfg.trust_remote_code,
+                                                 key=f"{key}.model.name_or_path")), tokenizer, model_cfg.max_length
+    return (lambda: build_sequence_classifier(model_cfg, tokenizer)), tokenizer, model_cfg.max_length
+
+
 def _score_head(model):
     for name in ("score", "classifier"):
         mod = getattr(model, name, None)

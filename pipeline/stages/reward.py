@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from pipeline.algorithms.reward_losses import bradley_terry_loss
 from pipeline.data import PairCollator, load_preference_examples, seeded_generator, split_holdout, tokenize_pairs
 from pipeline.errors import ConfigError, DataError
-from pipeline.models.loading import check_model_config, count_parameters, load_tokenizer, resolve_tokenizer
-from pipeline.models.reward import META, RewardEnsemble, RewardScorer, load_sequence_classifier
+from pipeline.models.loading import check_model_config, count_parameters, resolve_tokenizer
+from pipeline.models.reward import META, RewardEnsemble, RewardScorer, classifier_source
 from pipeline.modules.reward import RewardModule
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
@@ -56,21 +56,10 @@ class RewardStage(Stage):
     # ------------------------------------------------------------------ model
     def _members(self, k_members: int):
         rcfg = self.cfg.reward
-        if rcfg.init_from == "sft":
-            src = self.input("policy").model_dir
-            tokenizer = load_tokenizer(str(src), key="reward.init_from")
-            make = lambda: load_sequence_classifier(src, pad_token_id=tokenizer.pad_token_id, key="reward.init_from")
-            max_length = self.cfg.model.max_length
-        else:
-            mcfg = rcfg.model
-            task = build_task(self.cfg.task)
-            tokenizer = resolve_tokenizer(mcfg, task.corpus, key="reward.model")
-            max_length = mcfg.max_length
-            if mcfg.name_or_path:
-                make = lambda: load_sequence_classifier(mcfg.name_or_path, pad_token_id=tokenizer.pad_token_id,
-                                                        trust_remote_code=mcfg.trust_remote_code)
-            else:
-                make = lambda: _random_init_classifier(mcfg, tokenizer)
+        make, tokenizer, max_length = classifier_source(
+            rcfg.init_from, policy_dir=self.input("policy").model_dir if rcfg.init_from == "sft" else None,
+            model_cfg=rcfg.model, corpus_fn=lambda: build_task(self.cfg.task).corpus(),
+            max_length=self.cfg.model.max_length, key="reward")
         members = []
         for k in range(k_members):
             L.seed_everything(self.cfg.seed + k, verbose=False)  # members differ in head init
@@ -171,12 +160,3 @@ def heldout_pair_metrics(module: RewardModule, loader) -> dict:
     r_c, r_r = torch.cat(chosen), torch.cat(rejected)
     return {"val/loss": float(bradley_terry_loss(r_c, r_r)), "val/accuracy": float((r_c > r_r).float().mean())}
 
-
-def _random_init_classifier(mcfg, tokenizer):
-    from transformers import AutoModelForSequenceClassification
-
-    from pipeline.models.loading import build_causal_lm
-
-    lm = build_causal_lm(mcfg, tokenizer)
-    lm.config.num_labels = 1
-    return AutoModelForSequenceClassification.from_config(lm.config)

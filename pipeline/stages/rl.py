@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 from pipeline.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, requirements
 from pipeline.config import plain
 from pipeline.config.schema import AlgorithmConfig
-from pipeline.data import SOURCE, fit_prompts, load_prompt_rows, seeded_generator
-from pipeline.errors import ConfigError, DataError
+from pipeline.data import fit_prompt_rows, load_prompt_rows, seeded_generator
+from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
 from pipeline.models.loading import context_length, save_pretrained
 from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
@@ -90,18 +90,8 @@ class RLStage(Stage):
         if not dcfg.path:
             return task.prompts("rl"), None
         rows = load_prompt_rows(dcfg, key="rl.data", tokenizer=tokenizer)
-        context = context_length(policy)
-        limit = context - acfg.max_new_tokens
-        if limit < 1:
-            raise ConfigError(f"algorithm.max_new_tokens={acfg.max_new_tokens} leaves no room for a prompt in the "
-                              f"model's context of {context} tokens", where="algorithm.max_new_tokens")
-        ids = [tokenizer(r["prompt"], add_special_tokens=False)["input_ids"] for r in rows]
-        _, dropped = fit_prompts(ids, limit, f"the model's context ({context}) minus algorithm.max_new_tokens "
-                                 f"({acfg.max_new_tokens})", "rl.data", dcfg.on_long_prompt, [r[SOURCE] for r in rows])
-        rows = [r for i, r in enumerate(rows) if i not in dropped]
-        if not rows:
-            raise DataError("no prompts left after dropping the ones that are too long", where="rl.data")
-        return rows, limit if dcfg.on_long_prompt == "truncate_left" else None
+        return fit_prompt_rows(rows, tokenizer, context_length(policy), acfg.max_new_tokens, "rl.data",
+                               dcfg.on_long_prompt)
 
     def run(self, work_dir: Path) -> dict:
         cfg, acfg, rcfg = self.cfg, self.cfg.algorithm, self.cfg.rl

@@ -1,3 +1,3 @@
 """Built-in procedurally generated tasks (no downloads)."""
-from pipeline.tasks.base import TASKS, Task, build_task  # noqa: F401
-from pipeline.tasks import arithmetic, lexicon  # noqa: F401  (register)
+from pipeline.tasks.base import TASKS, ClassGame, Task, build_task  # noqa: F401
+from pipeline.tasks import arithmetic, intransitive, lexicon  # noqa: F401  (register)
