@@ -104,3 +104,73 @@ def wandb_records(path: Path) -> list:
         r.ParseFromString(chunk)
         records.append(r)
     return records
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+def _pg_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    hits = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return hits[-1] if hits else None
+
+
+def start_postgres():
+    """Start a throwaway PostgreSQL server; returns (url, stop) or raises RuntimeError(reason).
+
+    ``PIPELINE_TEST_POSTGRES_URL`` (set by .ci/run when it started a server) is used as it is.
+    Otherwise a cluster is created in a temporary directory with the server binaries on this
+    machine (``initdb``, ``pg_ctl``: the ``postgresql`` system package), as the ``postgres``
+    user when running as root."""
+    import shutil
+    import socket
+    import tempfile
+
+    url = os.environ.get("PIPELINE_TEST_POSTGRES_URL")
+    if url:
+        return url, lambda: None
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise RuntimeError("the psycopg driver is not installed (pip install 'psycopg[binary]')") from None
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        raise RuntimeError("no PostgreSQL server binaries (initdb, pg_ctl); install the postgresql package")
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        runuser = shutil.which("runuser")
+        if not runuser:
+            raise RuntimeError("running as root without runuser: cannot start PostgreSQL as another user")
+        as_user = [runuser, "-u", "postgres", "--"]
+    base = Path(tempfile.mkdtemp(prefix="pipeline-pg-"))
+    if as_user:
+        shutil.chown(base, "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data, sock = base / "data", base
+
+    def sh(*cmd, timeout=120):
+        return subprocess.run([*as_user, *cmd], capture_output=True, text=True, timeout=timeout)
+
+    r = sh(initdb, "-D", str(data), "-A", "trust", "-U", "postgres")
+    if r.returncode:
+        raise RuntimeError(f"initdb failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    r = sh(pg_ctl, "-D", str(data), "-l", str(base / "server.log"), "-w", "-o",
+           f"-p {port} -k {sock} -c listen_addresses=127.0.0.1 -c max_connections=100", "start")
+    if r.returncode:
+        raise RuntimeError(f"pg_ctl start failed: {(r.stderr or r.stdout).strip().splitlines()[-1:]}")
+    createdb = _pg_bin("createdb")
+    r = sh(createdb, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna")
+    if r.returncode:
+        sh(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
+        raise RuntimeError(f"createdb failed: {r.stderr.strip()}")
+
+    def stop():
+        sh(pg_ctl, "-D", str(data), "-m", "fast", "stop")
+        shutil.rmtree(base, ignore_errors=True)
+
+    return f"postgresql://postgres@127.0.0.1:{port}/optuna", stop

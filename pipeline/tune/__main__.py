@@ -43,8 +43,9 @@ def _is_tuner_arg(arg: str) -> bool:
 
 
 def _rewrite(args: list[str]) -> tuple[list[str], list[str]]:
-    """(args for Hydra, --config-dir values): tuner keys become ``+sweep=`` / ``+tune.x=`` (keys the
-    pipeline config does not have), ``stages.*`` the ``++`` form as in ``python -m pipeline``."""
+    """(args for Hydra, --config-dir values): tuner keys become ``++sweep=`` / ``++tune.x=`` (keys the
+    pipeline config does not have; the last one given wins), ``stages.*`` the ``++`` form as in
+    ``python -m pipeline``."""
     from pipeline.config.compose import open_sections
 
     out, config_dirs = [], []
@@ -58,7 +59,7 @@ def _rewrite(args: list[str]) -> tuple[list[str], list[str]]:
         elif arg.startswith("-"):
             out.append(arg)
         elif _is_tuner_arg(arg):
-            out.append("+" + arg.lstrip("+"))
+            out.append("++" + arg.lstrip("+"))
         else:
             out += open_sections([arg])
     return out, config_dirs

@@ -84,7 +84,9 @@ def worker_command(tuner: Tuner, index: int) -> list[str]:
     cmd = [sys.executable, "-m", "pipeline.tune"]
     for d in tuner.config_dirs:
         cmd += ["--config-dir", d]
-    cmd += [f"sweep={tuner.spec.path}", *[f"tune.{o}" for o in tuner.tune_overrides], *tuner.cli_overrides,
+    mine = ("phase", "worker", "n_workers", "progress")
+    tune = [o for o in tuner.tune_overrides if o.split("=", 1)[0] not in mine]
+    cmd += [f"sweep={tuner.spec.path}", *[f"tune.{o}" for o in tune], *tuner.cli_overrides,
             "tune.phase=trials", f"tune.worker={index}", "tune.n_workers=1", "tune.progress=false",
             "hydra/job_logging=stdout", "hydra.output_subdir=null",
             f"hydra.run.dir={tuner.study_dir / 'logs'}"]
