@@ -363,10 +363,18 @@ def load_spec(sweep: str, tune_overrides: list[str] = (), root: Path | None = No
     data = _normalize(data)
     spec = build(SweepSpec, data, (), loc)  # the file alone: errors point at its lines
     if tune_overrides:
-        data.setdefault("tune", {})
-        for key, value, text_ in parse_tune_overrides(list(tune_overrides)):
+        if not isinstance(data.get("tune"), dict):
+            data["tune"] = {}
+        parsed = parse_tune_overrides(list(tune_overrides))
+        keys = {k for k, _, _ in parsed}
+        for key, value, text_ in parsed:
             if key in ("sampler", "pruner") and isinstance(value, str):  # tune.sampler=random
                 key = f"{key}.name"
+            section = key.split(".")[0]
+            if key == f"{section}.name" and not any(k.startswith(f"{section}.options") for k in keys):
+                old = data["tune"].get(section)
+                if isinstance(old, dict) and old.get("name", value) != value:
+                    old.pop("options", None)  # the file's options were for the other sampler / pruner
             _set_dotted(data["tune"], key, value, where=text_)
             try:
                 build(TuneSettings, data["tune"], ("tune",), _Locator(None, None))
