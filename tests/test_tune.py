@@ -345,3 +345,44 @@ def test_each_trial_is_a_wandb_run_in_the_study_group(root, monkeypatch):
         "output_dir"]).joinpath("stages", "rl").glob("wandb/offline-run-*/run-*.wandb"))
     stage_run = next(r.run for r in wandb_records(stage_log) if r.WhichOneof("record_type") == "run")
     assert stage_run.run_group == "tracked" and stage_run.display_name == "tracked/t0/s0/rl"
+
+
+def test_every_sampler_and_pruner_runs_the_space(tmp_path):
+    import optuna
+
+    from pipeline.tune import space as sp
+    from pipeline.tune.spec import PRUNERS, SAMPLERS
+
+    path = write_sweep(tmp_path, "samplers", space={"algorithm.kl_coef": {"type": "float", "low": 0.1, "high": 0.3,
+                                                                          "step": 0.1},
+                                                    "algorithm.ppo_epochs": {"type": "int", "low": 1, "high": 2},
+                                                    "algorithm.temperature": [0.7, 1.0]})
+    tuner = Tuner(load_spec(str(path)), root=tmp_path)
+    for name in SAMPLERS:
+        tuner.t.sampler.name, tuner.t.sampler.options = name, {}
+        tuner.grid = sp.check_grid(tuner.params) if name == "grid" else None
+        study = optuna.create_study(sampler=tuner.sampler(0), direction="maximize")
+        for i in range(3):
+            trial = study.ask()
+            study.sampler = tuner.sampler(trial.number)  # what a worker does for each trial
+            values = sp.suggest(trial, tuner.params)
+            assert values["algorithm.kl_coef"] in (0.1, 0.2, 0.30000000000000004, 0.3)
+            study.tell(trial, float(i))
+    for name in PRUNERS:
+        tuner.t.pruner.name = tuner.pruner_name = name
+        assert isinstance(tuner.pruner(), optuna.pruners.BasePruner)
+    tuner.t.sampler.options = {"n_startup_trails": 3}
+    tuner.t.sampler.name = "tpe"
+    with pytest.raises(ConfigError, match="TPESampler has no option 'n_startup_trails' "
+                                          "\\(did you mean 'n_startup_trials'\\?\\)"):
+        tuner.sampler(0)
+
+
+def test_wilcoxon_prunes_between_seeds_on_final_scores(root):
+    path = write_sweep(root, "wilcoxon", space={"algorithm.kl_coef": [0.05, 0.3]},
+                       tune={"n_trials": 2, "seeds": [0, 1], "test_seeds": [], "pruner": "wilcoxon"})
+    result = run_study(str(path), root=root)
+    for t in load_study(result.study_dir, "wilcoxon").get_trials():
+        # one intermediate value per seed: that seed's final objective (not the training curve)
+        assert sorted(t.intermediate_values) == [0, 1]
+        assert [t.intermediate_values[k] for k in (0, 1)] == t.user_attrs["values_per_seed"]["eval/gold_reward"]

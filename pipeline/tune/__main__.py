@@ -104,7 +104,7 @@ def _study_dir_args(args: list[str]) -> list[str]:
     root = Path(os.environ.get("PIPELINE_ROOT") or Path.cwd())
     spec = load_spec(sweep, tune, root)
     name = spec.tune.study_name or spec.name
-    study_dir = Path(spec.tune.study_dir) if spec.tune.study_dir else root / "outputs" / "studies" / name
+    study_dir = root / (spec.tune.study_dir or Path("outputs") / "studies" / name)
     return [f"hydra.run.dir={study_dir.resolve()}", "hydra.output_subdir=null", "hydra.job.name=tune"]
 
 

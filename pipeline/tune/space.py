@@ -223,9 +223,10 @@ def check_grid(params: list[Param], loc=None) -> dict[str, list]:
                               fix="use another sampler (tpe, random), or one sweep per branch")
         if p.kind == "categorical":
             grid[p.name] = list(p.choices)
-        elif p.step is not None:
-            n = int(math.floor((p.high - p.low) / p.step + 1e-9)) + 1
-            grid[p.name] = [p.low + i * p.step if p.kind == "float" else int(p.low + i * p.step) for i in range(n)]
+        elif p.step is not None or p.kind == "int":
+            step = p.step or 1
+            n = int(math.floor((p.high - p.low) / step + 1e-9)) + 1
+            grid[p.name] = [p.low + i * step if p.kind == "float" else int(p.low + i * step) for i in range(n)]
             if p.kind == "float":
                 grid[p.name] = [round(v, 12) for v in grid[p.name]]
         else:

@@ -93,8 +93,9 @@ class StudyLock:
         if is_database(url) and not str(url).startswith("sqlite"):
             self.path = None
         else:
-            base = Path(url.split("///", 1)[-1]) if url and str(url).startswith("sqlite") else Path(study_dir)
-            self.path = (base.parent if base.suffix else base) / f".{study_name}.lock"
+            # next to the file every worker opens (the journal, or the SQLite database)
+            base = Path(str(url).split("///", 1)[-1]).parent if url else Path(study_dir)
+            self.path = base / f".{study_name}.lock"
         self.key = int.from_bytes(hashlib.sha256(f"pipeline.tune:{study_name}".encode()).digest()[:8], "big",
                                   signed=True)
         self._local = threading.RLock()

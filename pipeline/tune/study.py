@@ -116,8 +116,10 @@ class Tuner:
         self.constraints = [parse_constraint(c, f"constraints[{i}]") for i, c in enumerate(spec.constraints)]
         self.multi = len(self.objectives) > 1
         self.study_name = self.t.study_name or spec.name
-        self.study_dir = (Path(self.t.study_dir) if self.t.study_dir else
-                          self.root / "outputs" / "studies" / self.study_name).resolve()
+        # relative paths are relative to the root (where outputs/ is), as for every worker
+        self.study_dir = (self.root / (self.t.study_dir or Path("outputs") / "studies" / self.study_name)).resolve()
+        if self.t.storage and not is_database(self.t.storage):
+            self.t.storage = str((self.root / self.t.storage).resolve())
         #: every trial's overrides before its sampled values: the sweep's base, then the command line
         self.base = [str(o) for o in spec.base] + self.cli_overrides
         self.grid = sp.check_grid(self.params, self.loc) if self.t.sampler.name == "grid" else None
