@@ -386,3 +386,14 @@ def test_wilcoxon_prunes_between_seeds_on_final_scores(root):
         # one intermediate value per seed: that seed's final objective (not the training curve)
         assert sorted(t.intermediate_values) == [0, 1]
         assert [t.intermediate_values[k] for k in (0, 1)] == t.user_attrs["values_per_seed"]["eval/gold_reward"]
+
+
+def test_nothing_below_the_tuner_imports_it():
+    """tune/ sits above run.py (it composes configs and calls plan / run_pipeline)."""
+    import re
+
+    pkg = Path(__file__).resolve().parent.parent / "pipeline"
+    for path in pkg.rglob("*.py"):
+        rel = path.relative_to(pkg).as_posix()
+        if not rel.startswith("tune/"):
+            assert not re.search(r"(from|import) pipeline\.tune", path.read_text()), rel
