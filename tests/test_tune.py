@@ -272,13 +272,17 @@ def test_pruning_stops_a_clearly_bad_trial(root):
 def test_failing_trials_are_recorded_with_their_reason_and_the_study_goes_on(root):
     fns = ["tests.tune_helpers:broken_reward", "tests.tune_helpers:nan_reward", "tests.tune_helpers:high"]
     path = write_sweep(root, "failing", base=["rl.reward_source=callable", "rl.reward_fn=tests.tune_helpers:high"],
-                       space={"rl.reward_fn": fns}, enqueue=[{"rl.reward_fn": f} for f in fns],
-                       tune={"n_trials": 3, "test_seeds": [], "fail_fast": 3})
+                       space={"rl.reward_fn": fns, "algorithm.num_mini_batches": [1, 3]},
+                       enqueue=[{"rl.reward_fn": f, "algorithm.num_mini_batches": 1} for f in fns]
+                       + [{"rl.reward_fn": fns[2], "algorithm.num_mini_batches": 3}],  # 3 does not divide 4 prompts
+                       tune={"n_trials": 4, "test_seeds": [], "fail_fast": 3})
     result = run_study(str(path), root=root)
     trials = load_study(result.study_dir, "failing").get_trials()
-    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE"]
+    assert [t.state.name for t in trials] == ["FAIL", "FAIL", "COMPLETE", "FAIL"]
     assert trials[0].user_attrs["fail_reason"] == "RuntimeError: reward service unavailable"
     assert "loss became nan" in trials[1].user_attrs["fail_reason"]
+    assert trials[3].user_attrs["fail_reason"].startswith("algorithm.num_mini_batches: algorithm.num_mini_batches=3 "
+                                                          "must divide the rollout batch")
     assert result.summary["best"]["trial"] == 2
     csv_text = (result.study_dir / "trials.csv").read_text()
     assert "RuntimeError: reward service unavailable" in csv_text

@@ -80,17 +80,17 @@ def test_sigkill_mid_trial_then_the_same_command_resumes_the_study(tmp_path):
 
 def test_two_local_workers_share_one_study_without_duplicates_or_losses(tmp_path):
     # trials of a few seconds (a slow reward), so that the second worker's start-up is not the whole study
-    path = write_sweep(tmp_path, "two", base=SLOW, tune={"n_trials": 6, "sampler": "random", "test_seeds": [5]})
-    proc = run_tune([f"sweep={path}", "tune.n_workers=2"], tmp_path, timeout=500)
+    path = write_sweep(tmp_path, "two", base=SLOW, tune={"n_trials": 8, "sampler": "random", "test_seeds": [5]})
+    proc = run_tune([f"sweep={path}", "tune.n_workers=2"], tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study_dir = tmp_path / "outputs" / "studies" / "two"
-    counted = _check_study(load_study(study_dir, "two"), 6, workers=2)
-    assert len({tuple(sorted(t.params.items())) for t in counted}) == 6  # no configuration sampled twice
-    assert len((study_dir / "trials.csv").read_text().splitlines()) == 7
+    counted = _check_study(load_study(study_dir, "two"), 8, workers=2)
+    assert len({tuple(sorted(t.params.items())) for t in counted}) == 8  # no configuration sampled twice
+    assert len((study_dir / "trials.csv").read_text().splitlines()) == 9
     assert (study_dir / "logs" / "worker-1.log").is_file()
     arts = tmp_path / "outputs" / "artifacts"
     assert len(list(arts.glob("sft-*"))) == 1 and len(list(arts.glob("reward-*"))) == 1  # built once (stage lock)
-    assert sum(line.startswith("trial ") for line in proc.stdout.splitlines()) == 6  # one line per trial
+    assert sum(line.startswith("trial ") for line in proc.stdout.splitlines()) == 8  # one line per trial
 
 
 @pytest.fixture(scope="module")
@@ -104,10 +104,17 @@ def postgres():
 
 
 def test_two_workers_on_a_postgresql_study(postgres, tmp_path):
+    """Two independent worker processes (as on two machines) on one PostgreSQL study, then the report."""
     name = f"pg_{os.getpid()}_{int(time.time())}"  # a server given by .ci/run may hold other studies
     path = write_sweep(tmp_path, "pg", base=SLOW, tune={"n_trials": 4, "sampler": "random", "test_seeds": [5],
                                                         "study_name": name})
-    proc = run_tune([f"sweep={path}", f"tune.storage={postgres}", "tune.n_workers=2"], tmp_path, timeout=500)
+    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    args = [sys.executable, "-m", "pipeline.tune", f"sweep={path}", f"tune.storage={postgres}", "tune.phase=trials"]
+    workers = [subprocess.Popen(args + [f"tune.worker={i}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outs = [w.communicate(timeout=600)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), "\n".join(o[-2000:] for o in outs)
+    proc = run_tune([f"sweep={path}", f"tune.storage={postgres}", "tune.phase=report"], tmp_path, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     study_dir = tmp_path / "outputs" / "studies" / name
     counted = _check_study(load_study(study_dir, name, storage=postgres), 4, workers=2)

@@ -184,7 +184,7 @@ class Tuner:
         self.stage_names = [s.name for s in base_plan]
         self.base_fingerprints = {s.name: s.fingerprint for s in base_plan}
         # a pipeline without per-stage settings can be varied by editing the composed config
-        self._editable = not any(s.spec.get("overrides") for s in base_plan)
+        self._editable = not any(s.spec.get("overrides") for s in base_plan) and not cfg.get("stages")
         self._plans: dict[tuple, tuple] = {tuple(self.base): (cfg, base_plan)}
         changed: set[str] = set()
         for p, path in self._params_with_paths(self.params, []):

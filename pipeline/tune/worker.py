@@ -71,12 +71,13 @@ def work(tuner: Tuner, study, *, worker_index: int = 0, deadline: float | None =
 
 
 def set_threads(n_workers: int) -> None:
-    """Share the CPU between local workers (unless trainer.num_threads says otherwise)."""
+    """Share the CPU between local workers (trainer.num_threads, when set, still wins in each stage)."""
+    n = os.environ.get(THREADS_ENV)
+    if not n and n_workers <= 1:
+        return  # one worker: torch's own default
     import torch
 
-    n = os.environ.get(THREADS_ENV)
-    threads = int(n) if n else max(1, (os.cpu_count() or 1) // max(1, n_workers))
-    torch.set_num_threads(threads)
+    torch.set_num_threads(int(n) if n else max(1, (os.cpu_count() or 1) // n_workers))
 
 
 def worker_command(tuner: Tuner, index: int) -> list[str]:
