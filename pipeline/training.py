@@ -21,7 +21,13 @@ MetricsHook = Callable[[str, int, dict], None]
 
 
 class MetricsHookCallback(Callback):
-    """Forwards logged metrics to the runner's hook (the tuner prunes trials from it)."""
+    """Forwards logged metrics to the runner's hook (the tuner prunes trials from it).
+
+    The hook is called every ``every_n_steps`` steps with the logged metrics, and at every
+    step where the module ran a held-out evaluation: a module exposing ``last_eval =
+    {"step": s, **metrics}`` (the online-RL module's ``eval/*`` curve) has those metrics
+    added at step ``s``, so the held-out curve reaches the hook.
+    """
 
     def __init__(self, stage: str, hook: MetricsHook, every_n_steps: int = 10):
         self.stage, self.hook, self.every = stage, hook, max(1, every_n_steps)
@@ -32,8 +38,13 @@ class MetricsHookCallback(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # online RL counts rollout steps; Lightning's global_step counts optimizer steps
         step = getattr(pl_module, "rollout_step", trainer.global_step)
-        if trainer.is_global_zero and step % self.every == 0:
-            self.hook(self.stage, step, self._metrics(trainer))
+        fresh = getattr(pl_module, "last_eval", None) or {}
+        evaluated = fresh.get("step") == step
+        if trainer.is_global_zero and (step % self.every == 0 or evaluated):
+            metrics = self._metrics(trainer)
+            if evaluated:
+                metrics.update({k: v for k, v in fresh.items() if k != "step"})
+            self.hook(self.stage, step, metrics)
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.is_global_zero and not trainer.sanity_checking:
@@ -101,7 +112,7 @@ def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_
         cbs.append(ModelCheckpoint(dirpath=str(work_dir / "checkpoints"), save_last=True, save_top_k=0))
     cbs.append(FinishWandb())
     loggers = build_loggers(cfg.logger, save_dir=work_dir, stage=stage, run_name=str(cfg.run_name),
-                            group=Path(str(cfg.paths.output_dir)).name, config=plain(cfg))
+                            group=cfg.logger.wandb.group or Path(str(cfg.paths.output_dir)).name, config=plain(cfg))
     return L.Trainer(
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,

@@ -484,6 +484,8 @@ class WandbConfig:
     #: null = online when credentials are configured (WANDB_API_KEY / netrc), else offline
     mode: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    #: W&B group of the stage runs (null = the run directory's name; the tuner groups by study)
+    group: Optional[str] = None
 
 
 @dataclass

@@ -100,6 +100,8 @@ class OnlineRLModule(L.LightningModule):
         self._generator = torch.Generator().manual_seed(seed * 1009)  # re-seeded per rank at fit start
         #: rollout steps done (Lightning's global_step counts optimizer steps: E x M per rollout step)
         self.rollout_step = 0
+        #: the latest held-out evaluation, ``{"step": s, "eval/gold_reward": ..}`` (rank 0)
+        self.last_eval: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_optimizers(self):
@@ -278,6 +280,7 @@ class OnlineRLModule(L.LightningModule):
         m = self.evaluate_fn(self.policy)
         self.policy.train(was_training)
         m = {k: float(v) for k, v in m.items()}
+        self.last_eval = {"step": step, **m}  # the runner's hook receives it at this step (MetricsHookCallback)
         if self.work_dir is not None:
             with open(self.work_dir / "curve.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": step, **m}) + "\n")
