@@ -84,6 +84,26 @@ def runtime_info() -> dict:
     return {"torch_threads": torch.get_num_threads(), "host": socket.gethostname(), "pid": os.getpid()}
 
 
+#: local data files up to this size are fingerprinted by content, larger ones by size + mtime
+_DATA_HASH_LIMIT = 256 * 2 ** 20
+
+
+def data_digest(path: str) -> str | None:
+    """What a stage's output depends on of a local data file or directory: its content (SHA-256;
+    size and modification time for files over 256 MiB), so editing a file is a new fingerprint.
+    None for a Hub dataset name (identified by its name, config and split)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(p.relative_to(root).as_posix().encode() if p != root else b".")
+        h.update(_sha256(p).encode() if st.st_size <= _DATA_HASH_LIMIT else f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

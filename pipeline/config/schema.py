@@ -205,6 +205,13 @@ class EvalConfig:
     win_rates: bool = True
     #: beta of the regularised game whose exploitability is reported (tasks with a class game)
     exploitability_beta: float = 0.1
+    #: evaluation data: null = the held-out part of the user data the inputs trained on (or the
+    #: built-in task's held-out prompts and pairs); else a prompt file (policies are sampled on its
+    #: prompts) or a preference file (also the reward / preference model accuracy on its pairs)
+    data: DataConfig = field(default_factory=DataConfig)
+    #: a user reward function "package.module:function" (called like ``rl.reward_fn``, with the
+    #: prompt rows' columns) scoring every policy's samples as ``user_reward``
+    reward_fn: Optional[str] = None
 
 
 @dataclass

@@ -37,6 +37,7 @@ from pipeline.data import (
 )
 from pipeline.data.collate import check_on_long_prompt
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation import heldout_source, write_heldout
 from pipeline.models.loading import count_parameters, resolve_tokenizer, save_pretrained
 from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
 from pipeline.modules.dpo import DPOModule, LossSpec, heldout_metrics, reference_logps
@@ -136,6 +137,7 @@ class DPOStage(Stage):
         else:
             examples = build_task(self.cfg.task).preference_examples("pref")
         train, val = split_holdout(examples, dcfg.eval_fraction, self.cfg.seed)
+        self.heldout_pairs = val if dcfg.path else None  # evaluation follows the user's data
         tok = lambda ex: tokenize_preferences(ex, tokenizer, self.cfg.model.max_length, where="dpo.data",
                                               on_long_prompt=dcfg.on_long_prompt) if ex else []
         return tok(train), tok(val)
@@ -205,6 +207,9 @@ class DPOStage(Stage):
         train_rows, val_rows = self._pairs(tokenizer)
         if not train_rows:
             raise DataError("no preference pairs to train on", where="dpo.data")
+        if self.heldout_pairs is not None:
+            write_heldout(work_dir, pairs=self.heldout_pairs, source=heldout_source(
+                dcfg.data.path, dcfg.data.eval_fraction, len(self.heldout_pairs)))
         ref_model = self._reference_model(loss, tokenizer)
         policy = apply_lora(policy, dcfg.lora)
         collate = PreferenceCollator(tokenizer.pad_token_id, row_length=cfg.model.max_length)

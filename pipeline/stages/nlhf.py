@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 from pipeline.algorithms.preference_losses import PREFERENCE_LOSSES, validate_loss_config
 from pipeline.config import plain
 from pipeline.config.schema import NLHFAlgorithmConfig, PreferenceLossOptions
-from pipeline.data import fit_prompt_rows, load_prompt_rows, seeded_generator
+from pipeline.data import load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
-from pipeline.models.loading import context_length, save_pretrained
+from pipeline.models.loading import save_pretrained
 from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
 from pipeline.models.preference import PreferenceScorer
 from pipeline.models.reward import RewardScorer
@@ -148,17 +148,6 @@ class NLHFStage(Stage):
         if cfg.nlhf.data.path:  # format, columns, message lists (lengths need the policy's tokenizer: at the start)
             load_prompt_rows(cfg.nlhf.data, key="nlhf.data")
 
-    def _prompt_rows(self, task, policy, tokenizer) -> tuple[list[dict], int | None]:
-        """The prompts (chat messages rendered like SFT renders them) and the prompt-token limit for
-        the rollout engine; a user's prompts are checked against the model's context first
-        (``nlhf.data.on_long_prompt``)."""
-        dcfg = self.cfg.nlhf.data
-        if not dcfg.path:
-            return task.prompts("rl"), None
-        rows = load_prompt_rows(dcfg, key="nlhf.data", tokenizer=tokenizer)
-        return fit_prompt_rows(rows, tokenizer, context_length(policy), self.cfg.algorithm.max_new_tokens,
-                               "nlhf.data", dcfg.on_long_prompt)
-
     def run(self, work_dir: Path) -> dict:
         cfg, acfg, ncfg = self.cfg, self.cfg.algorithm, self.cfg.nlhf
         task = build_task(cfg.task)
@@ -171,7 +160,10 @@ class NLHFStage(Stage):
         else:
             ref_policy, _ = policy_from_artifact(start)
         judge, judge_name = self._judge(task)
-        rows, max_prompt_length = self._prompt_rows(task, policy, tokenizer)
+        if ncfg.data.path:  # the user's prompts: a held-out part is published for the evaluation
+            rows, _, max_prompt_length = self.user_prompts("nlhf", policy, tokenizer, acfg.max_new_tokens, work_dir)
+        else:
+            rows, max_prompt_length = task.prompts("rl"), None
         loader = DataLoader(rows, batch_size=ncfg.prompts_per_step, shuffle=True,
                             drop_last=len(rows) >= ncfg.prompts_per_step, collate_fn=list,
                             generator=seeded_generator(cfg.seed))

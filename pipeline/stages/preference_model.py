@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from pipeline.algorithms.preference_losses import logistic_nll
 from pipeline.data import PairCollator, load_preference_examples, seeded_generator, split_holdout, tokenize_comparisons
 from pipeline.errors import ConfigError, DataError
-from pipeline.evaluation import expected_calibration_error
+from pipeline.evaluation import expected_calibration_error, heldout_source, write_heldout
 from pipeline.models.loading import count_parameters, resolve_tokenizer
 from pipeline.models.preference import META, PreferenceModel
 from pipeline.models.reward import classifier_source
@@ -103,6 +103,8 @@ class PreferenceModelStage(Stage):
         train, val, task = self._data(tokenizer)
         if not train:
             raise DataError("no preference pairs to train on", where="preference_model.data")
+        if pcfg.data.path:  # evaluation follows the user's data
+            write_heldout(work_dir, pairs=val, source=heldout_source(pcfg.data.path, pcfg.data.eval_fraction, len(val)))
         where = "preference_model.data"
         collate = PairCollator(tokenizer.pad_token_id)
         gen = seeded_generator(self.cfg.seed)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from pipeline.algorithms.reward_losses import bradley_terry_loss
 from pipeline.data import PairCollator, load_preference_examples, seeded_generator, split_holdout, tokenize_pairs
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation import heldout_source, write_heldout
 from pipeline.models.loading import check_model_config, count_parameters, resolve_tokenizer
 from pipeline.models.reward import META, RewardEnsemble, RewardScorer, classifier_source
 from pipeline.modules.reward import RewardModule
@@ -97,6 +98,7 @@ class RewardStage(Stage):
         if rcfg.data.path:
             used = [examples[r["index"]] for r in train]
             reference = [(e.prompt, e.chosen) for e in used] + [(e.prompt, e.rejected) for e in used]
+            self.heldout_pairs = [examples[r["index"]] for r in val]  # evaluation follows the user's data
         else:
             reference = [(e.prompt, e.completion) for e in task.sft_examples("eval")]
         # bootstrap weights are keyed by the position in the training set
@@ -106,9 +108,13 @@ class RewardStage(Stage):
     def run(self, work_dir: Path) -> dict:
         rcfg = self.cfg.reward
         members, tokenizer, max_length = self._members(rcfg.ensemble_size)
+        self.heldout_pairs = None
         train, val, reference = self._data(tokenizer, max_length)
         if not train:
             raise DataError("no preference pairs to train on", where="reward.data")
+        if self.heldout_pairs is not None:
+            write_heldout(work_dir, pairs=self.heldout_pairs, source=heldout_source(
+                rcfg.data.path, rcfg.data.eval_fraction, len(self.heldout_pairs)))
         collate = PairCollator(tokenizer.pad_token_id)
         gen = seeded_generator(self.cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
         train_loader = DataLoader(train, batch_size=rcfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
