@@ -41,6 +41,7 @@ from pipeline.algorithms import (
     value_loss,
     whiten_rewards,
 )
+from pipeline.data import seeded_generator
 from pipeline.errors import TrainingError
 from pipeline.rollout.engine import (
     HFRolloutEngine,
@@ -97,7 +98,7 @@ class OnlineRLModule(L.LightningModule):
         self.needs = requirements(acfg.advantage_estimator)
         self.policy_loss = POLICY_LOSSES.get(acfg.policy_loss, key="algorithm.policy_loss")
         self.kl_fn = KL_ESTIMATORS.get(acfg.kl_estimator, key="algorithm.kl_estimator")
-        self._generator = torch.Generator().manual_seed(seed * 1009)  # re-seeded per rank at fit start
+        self._generator = seeded_generator(seed * 1009)  # picklable (ddp_spawn); re-seeded per rank at fit start
         #: rollout steps done (Lightning's global_step counts optimizer steps: E x M per rollout step)
         self.rollout_step = 0
         #: the latest held-out evaluation, ``{"step": s, "eval/gold_reward": ..}`` (rank 0)

@@ -22,7 +22,7 @@ from pipeline.data import load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
 from pipeline.models.loading import save_pretrained
-from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
+from pipeline.models.policy import trainable_policy
 from pipeline.models.preference import PreferenceScorer
 from pipeline.models.reward import RewardScorer
 from pipeline.modules.nlhf import OnlinePreferenceModule, frozen_copy
@@ -152,13 +152,7 @@ class NLHFStage(Stage):
         cfg, acfg, ncfg = self.cfg, self.cfg.algorithm, self.cfg.nlhf
         task = build_task(cfg.task)
         start = self.input("policy")
-        policy, tokenizer = policy_from_artifact(start)
-        disable_dropout(policy)
-        ref_policy = None
-        if ncfg.lora.enabled:  # the reference is the same model with its adapters disabled
-            policy = apply_lora(policy, ncfg.lora)
-        else:
-            ref_policy, _ = policy_from_artifact(start)
+        policy, tokenizer, ref_policy = trainable_policy(start, ncfg.lora)  # ref None: LoRA adapters off
         judge, judge_name = self._judge(task)
         if ncfg.data.path:  # the user's prompts: a held-out part is published for the evaluation
             rows, _, max_prompt_length = self.user_prompts("nlhf", policy, tokenizer, acfg.max_new_tokens, work_dir)

@@ -21,7 +21,7 @@ from pipeline.data import load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
 from pipeline.models.loading import save_pretrained
-from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
+from pipeline.models.policy import trainable_policy
 from pipeline.models.reward import RewardScorer
 from pipeline.models.value import build_critic
 from pipeline.modules.rl import OnlineRLModule
@@ -85,13 +85,7 @@ class RLStage(Stage):
         cfg, acfg, rcfg = self.cfg, self.cfg.algorithm, self.cfg.rl
         task = build_task(cfg.task)
         sft = self.input("policy")
-        policy, tokenizer = policy_from_artifact(sft)
-        disable_dropout(policy)
-        ref_policy = None
-        if rcfg.lora.enabled:  # the reference is the same model with its adapters disabled
-            policy = apply_lora(policy, rcfg.lora)
-        else:
-            ref_policy, _ = policy_from_artifact(sft)
+        policy, tokenizer, ref_policy = trainable_policy(sft, rcfg.lora)  # ref None: LoRA adapters off
         scorer = build_scorer(cfg, self.inputs, task)
         reward_scorer = getattr(scorer, "reward_scorer", None)
         value_model = None
