@@ -201,6 +201,7 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
     import lightning as L
 
     from pipeline.artifacts import ArtifactStore, runtime_info, versions
+    from pipeline.resume import ResumeState
 
     store = ArtifactStore(cfg.paths.artifact_dir, verify=cfg.cache.verify, lock_timeout_s=cfg.cache.lock_timeout_s)
     store.clean_tmp()
@@ -221,13 +222,18 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
                 if not reused:
                     log.info("stage %s (%s): running -> %s", spec.name, spec.kind, store.path_for(spec.kind, fp))
                     L.seed_everything(st.cfg.seed, workers=True, verbose=False)
-                    stage = st.cls(st.cfg, spec, _inputs(spec, done), hook=hook, run_dir=run_dir)
+                    resume = ResumeState(store.resume_path(spec.kind, fp), st.cfg.trainer.checkpoint_every_n_steps)
+                    if forced:  # a forced rebuild starts over, also from a killed run's checkpoints
+                        resume.clear()
+                    stage = st.cls(st.cfg, spec, _inputs(spec, done), hook=hook, run_dir=run_dir, resume=resume)
                     manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in st.input_fps.items()},
                                 "config": st.config, "seed": st.cfg.seed,
                                 "overrides": [str(o) for o in (spec.get("overrides") or [])]}
                     with store.build(spec.kind, fp, manifest) as (work, record):
                         record["metrics"] = stage.run(work)
                         record.update(stage.record)
+                        if resume.resumed_from is not None:
+                            record["resumed_from_step"] = resume.resumed_from
                     art = store.lookup(spec.kind, fp)
                     if art is None:  # non-zero rank under torchrun: rank 0 published it
                         raise RuntimeError(f"artifact for stage {spec.name} missing after build")
@@ -244,6 +250,8 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
         run_info["stages"][spec.name] = {"reused": reused, "seconds": round(time.time() - t0, 3),
                                          "artifact": str(art.path),
                                          "timings": {k: v for k, v in art.metrics.items() if k.startswith(TIMING_PREFIXES)}}
+        if not reused and art.manifest.get("resumed_from_step") is not None:  # continued a killed build
+            run_info["stages"][spec.name]["resumed_from_step"] = art.manifest["resumed_from_step"]
         try:
             _link(run_dir / "stages" / spec.name, art.path)
         except OSError as err:

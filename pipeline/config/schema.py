@@ -475,6 +475,10 @@ class TrainerConfig:
     deterministic: bool = False
     #: torch intra-op threads (null = torch default)
     num_threads: Optional[int] = None
+    #: a training stage saves a checkpoint every N steps (optimizer steps; rollout steps / iterations
+    #: for rl and nlhf) in ``<artifact_dir>/.tmp/<kind>-<fingerprint>.resume/``; rerunning a killed
+    #: stage continues from it with the same result (see README, "Resuming"). 0 = no mid-stage checkpoints
+    checkpoint_every_n_steps: int = 20
 
 
 @dataclass
