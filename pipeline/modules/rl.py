@@ -102,6 +102,8 @@ class OnlineRLModule(L.LightningModule):
         self.rollout_step = 0
         #: the latest held-out evaluation, ``{"step": s, "eval/gold_reward": ..}`` (rank 0)
         self.last_eval: dict | None = None
+        #: the module's part of a checkpoint being resumed from (applied in ``on_fit_start``)
+        self._resumed: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_optimizers(self):
@@ -116,8 +118,24 @@ class OnlineRLModule(L.LightningModule):
     def on_fit_start(self):
         # each rank samples its own stream; same seed + rank -> same numbers
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed * 1009 + self.global_rank)
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:  # a mid-stage checkpoint (pipeline.resume): continue its streams
+            self._generator.set_state(resumed["generator"])
+            return  # its step-0 evaluation is in the restored curve.jsonl
         if self.evaluate_fn is not None and self.rcfg.eval_every > 0:
             self._evaluate()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What a mid-stage checkpoint needs beyond weights and optimizer: the rollout step, the KL
+        controller's coefficient and the rollout generator (this rank's; rank 0's on disk)."""
+        checkpoint["online_rl"] = {"rollout_step": self.rollout_step, "kl_coef": float(self.kl_ctl.value),
+                                   "generator": self._generator.get_state().cpu()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["online_rl"]
+        self.rollout_step = int(state["rollout_step"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self._resumed = state
 
     def on_fit_end(self):
         if self.evaluate_fn is not None and self.rcfg.eval_every > 0 and self.rollout_step % self.rcfg.eval_every:
