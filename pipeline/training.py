@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -99,7 +100,10 @@ def fit(trainer: L.Trainer, module, train_loader, val_loader=None) -> None:
             # loop's state when configure_optimizers asks for estimated_stepping_batches
             if ckpt is not None and cb.state.loader_states and hasattr(train_loader, "load_state_dict"):
                 train_loader.load_state_dict(cb.state.loader_states[0])
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    with warnings.catch_warnings():
+        if ckpt is not None:  # the restored CSV log is appended to, not deleted as Lightning warns
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
 
 
 def trained_steps(trainer) -> int:

@@ -64,6 +64,10 @@ class Stage:
     #: the ``algorithm=`` schema this kind reads (None: it reads no ``algorithm`` section);
     #: the runner rejects an algorithm preset made for another stage kind
     algorithm_schema: ClassVar[type | None] = None
+    #: the config key of the stage's hyperparameter schedule (``rl.schedule``; None: it has none)
+    #: and the keys a schedule may change: population-based training tunes only those
+    schedule_key: ClassVar[str | None] = None
+    schedulable: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig, spec, inputs: dict[str, Any], hook: MetricsHook | None = None,
                  run_dir: Path | None = None, resume=None):

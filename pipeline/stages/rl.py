@@ -23,6 +23,7 @@ from pipeline.models.policy import apply_lora, disable_dropout, policy_from_arti
 from pipeline.models.reward import RewardScorer
 from pipeline.models.value import build_critic
 from pipeline.modules.rl import OnlineRLModule
+from pipeline.modules.schedule import SCHEDULABLE, parse_schedule
 from pipeline.scoring import REWARD_SOURCES, GoldScorer, build_scorer
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
@@ -62,10 +63,13 @@ class RLStage(Stage):
     headline = ("rollout/reward_mean", "rollout/gold_reward", "policy/kl", "eval/gold_reward", "eval/proxy_reward",
                 "eval/kl", "train/steps")
     algorithm_schema = AlgorithmConfig
+    schedule_key = "rl.schedule"
+    schedulable = tuple(SCHEDULABLE)
 
     @classmethod
     def validate(cls, cfg, spec) -> None:
         validate_batch_sizes(cfg)
+        parse_schedule(cfg.rl.schedule, cfg.rl.total_steps)
         ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator, key="algorithm.advantage_estimator")
         POLICY_LOSSES.get(cfg.algorithm.policy_loss, key="algorithm.policy_loss")
         KL_ESTIMATORS.get(cfg.algorithm.kl_estimator, key="algorithm.kl_estimator")
