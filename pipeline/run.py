@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR, stage_configs  # noqa: F401  (CONF_DIR: public, used by callers)
 from pipeline.config.compose import check_renamed, open_sections
-from pipeline.errors import ConfigError, Interrupted, PipelineError
+from pipeline.errors import ConfigError, Interrupted, PipelineError, StopRun
 from pipeline.registry import closest
 from pipeline.tasks import build_task
 
@@ -191,6 +191,9 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
     with _run_log(run_dir), interrupts_as_errors():
         try:
             return _run_stages(cfg, stages, run_dir, hook)
+        except StopRun as err:
+            log.info("run stopped by its hook: %s", err)
+            raise
         except BaseException as err:
             log.error("run failed: %s", err.render() if isinstance(err, (PipelineError, Interrupted))
                       else f"{type(err).__name__}: {err}")

@@ -40,6 +40,10 @@ def run_study(sweep: str, tune=(), overrides=(), *, root=None, config_dirs=(), c
     root = Path(root or Path.cwd()).resolve()
     spec = load_spec(sweep, list(tune), root)
     tuner = Tuner(spec, overrides, root=root, tune_overrides=tune, config_dirs=config_dirs)
+    if spec.pbt is not None:  # population-based training: pipeline/tune/pbt.py
+        from pipeline.tune.pbt import run_population
+
+        return run_population(tuner, console)
     t = tuner.t
     finisher = t.phase == "report" or (t.phase == "all" and t.worker == 0)
     study = tuner.open_study(create=t.phase != "report")
