@@ -171,14 +171,16 @@ def _inputs(spec, done: dict[str, Any]) -> dict:
 TIMING_PREFIXES = ("perf/",)
 
 
-def run_pipeline(cfg: DictConfig, hook=None) -> dict:
+def run_pipeline(cfg: DictConfig, hook=None, *, rebuild=()) -> dict:
     """Run every stage of ``cfg.pipeline`` and return ``results`` (also saved as JSON).
 
     ``cfg`` comes from :func:`pipeline.config.compose` (or the command line).
     ``hook(stage_name, step, metrics)`` receives intermediate metrics during training
     stages; an exception it raises (e.g. ``optuna.TrialPruned``) stops the run and
     nothing half-finished is published. SIGTERM / SIGINT stop it the same way
-    (:class:`pipeline.errors.Interrupted`).
+    (:class:`pipeline.errors.Interrupted`). Stages named in ``rebuild`` run even when their
+    artifact is cached, continuing from their mid-stage checkpoint if there is one (population-based
+    training stops them at a step; ``force`` instead starts over).
     """
     _setup_env()
     stages = plan(cfg)
@@ -190,7 +192,7 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
         raise _write_error(err, run_dir) from None
     with _run_log(run_dir), interrupts_as_errors():
         try:
-            return _run_stages(cfg, stages, run_dir, hook)
+            return _run_stages(cfg, stages, run_dir, hook, rebuild)
         except StopRun as err:
             log.info("run stopped by its hook: %s", err)
             raise
@@ -200,7 +202,7 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
             raise
 
 
-def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook) -> dict:
+def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook, rebuild=()) -> dict:
     import lightning as L
 
     from pipeline.artifacts import ArtifactStore, runtime_info, versions
@@ -216,11 +218,12 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
         spec, fp = st.spec, st.fingerprint
         t0 = time.time()
         forced = cfg.force or spec.name in cfg.force_stages
-        art = None if forced else store.lookup(spec.kind, fp)  # no lock: a read-only cache works
+        skip_cache = forced or spec.name in rebuild
+        art = None if skip_cache else store.lookup(spec.kind, fp)  # no lock: a read-only cache works
         reused = art is not None
         if not reused:
             with store.lock(spec.kind, fp):
-                art = None if forced else store.lookup(spec.kind, fp)  # built meanwhile by another process?
+                art = None if skip_cache else store.lookup(spec.kind, fp)  # built meanwhile by another process?
                 reused = art is not None
                 if not reused:
                     log.info("stage %s (%s): running -> %s", spec.name, spec.kind, store.path_for(spec.kind, fp))

@@ -5,7 +5,8 @@ Modules: :mod:`~pipeline.tune.spec` (sweep files and their schema), :mod:`~pipel
 sampler, pruner), :mod:`~pipeline.tune.storage` (storage, study lock, heartbeats, budget),
 :mod:`~pipeline.tune.trial` (one trial), :mod:`~pipeline.tune.worker` (the trial loop, local
 workers), :mod:`~pipeline.tune.outputs` (study directory, test seeds), :mod:`~pipeline.tune.progress`
-(console), :mod:`~pipeline.tune.tracking` (W&B).
+(console), :mod:`~pipeline.tune.tracking` (W&B), :mod:`~pipeline.tune.pbt` (population-based training:
+sweeps with a ``pbt:`` section) and :mod:`~pipeline.tune.pb2` (PB2's GP bandit).
 
 From Python::
 

@@ -397,8 +397,8 @@ class Population:
         hook = SegmentHook(self.stage, None if final else stop)
         t0 = time.time()
         out: dict = {"run_dir": str(run_dir), "steps": [segment * k, stop]}
-        try:
-            run = self.tuner.run_config(overrides, self.seed, run_dir, hook=hook,
+        try:  # a segment trains even when a run of the same configuration is cached (it needs the checkpoint)
+            run = self.tuner.run_config(overrides, self.seed, run_dir, hook=hook, rebuild=() if final else [self.stage],
                                         run_name=f"{self.tuner.study_name}/m{member['id']}/s{segment}")
         except SegmentEnd:
             metrics = hook.metrics
@@ -414,6 +414,7 @@ class Population:
         else:
             if not final:
                 raise TrainingError(f"stage {self.stage} ended before step {stop}", where="pbt.segment_steps")
+            shutil.rmtree(resume_dir, ignore_errors=True)  # unused when the final run was cached
             metrics = {"step": stop, **run.results["stages"][self.stage]["metrics"]}
             out["objectives"] = {o.metric: run.metric(o.metric, o.stage) for o in self.tuner.objectives}
             out["fingerprints"] = run.fingerprints
@@ -457,7 +458,12 @@ class Population:
         scores = {m["id"]: _ranking(m["segments"][str(s)]) for m in members}
         ranked = sorted(members, key=lambda m: (-scores[m["id"]], m["id"]))
         n = max(1, int(math.floor(len(members) * self.p.quantile)))
-        top, bottom = ranked[:n], ranked[-n:]
+        top = [m for m in ranked[:n] if math.isfinite(scores[m["id"]])]
+        if not top:
+            raise TrainingError(f"every member failed in segment {s}", where=str(self.state_path),
+                                fix="see the members' reasons in population.json and their run directories")
+        # the bottom quantile, and every failed member (it has no checkpoint to continue from)
+        bottom = [m for m in ranked if m in ranked[-n:] or not math.isfinite(scores[m["id"]])]
         rng = np.random.default_rng([self.p.seed, 1, s])
         partners = [top[int(rng.integers(len(top)))] for _ in bottom]
         self._state = state
