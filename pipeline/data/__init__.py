@@ -23,6 +23,7 @@ from pipeline.data.formats import (
     load_sft_examples,
     split_common_prefix,
 )
+from pipeline.data.loader import ResumableLoader
 from pipeline.data.records import PreferenceExample, SFTExample
 from pipeline.data.splits import split_holdout
 
@@ -32,6 +33,7 @@ __all__ = [
     "PairCollator",
     "PreferenceCollator",
     "PreferenceExample",
+    "ResumableLoader",
     "SFTCollator",
     "SFTExample",
     "check_on_long_prompt",

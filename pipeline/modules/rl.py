@@ -16,6 +16,7 @@ Algorithms differ only in the registry names and numbers of ``cfg.algorithm``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -43,6 +44,7 @@ from pipeline.algorithms import (
 )
 from pipeline.data import seeded_generator
 from pipeline.errors import TrainingError
+from pipeline.modules.schedule import parse_schedule
 from pipeline.rollout.engine import (
     HFRolloutEngine,
     RolloutBatch,
@@ -74,6 +76,21 @@ class Experience:
     score_time_s: float
 
 
+def _set_learning_rates(opt, sch, lrs: list[float]) -> None:
+    """New base learning rates for the optimizer's parameter groups; an LR schedule keeps its shape
+    (the current lr is the new base lr times the schedule's current factor)."""
+    opt = getattr(opt, "optimizer", opt)  # Lightning's wrapper
+    for i, (group, lr) in enumerate(zip(opt.param_groups, lrs)):
+        group["initial_lr"] = lr
+        if sch is not None and hasattr(sch, "lr_lambdas"):
+            sch.base_lrs[i] = lr
+            group["lr"] = lr * sch.lr_lambdas[i](sch.last_epoch)
+        else:
+            group["lr"] = lr
+    if sch is not None:
+        sch._last_lr = [g["lr"] for g in opt.param_groups]
+
+
 class OnlineRLModule(L.LightningModule):
     def __init__(self, policy, tokenizer, scorer: Callable, acfg, rcfg, *, ref_policy=None, value_model=None,
                  gold_fn: Callable | None = None, evaluate_fn: Callable | None = None, work_dir: Path | None = None,
@@ -85,7 +102,10 @@ class OnlineRLModule(L.LightningModule):
         self.value_model = value_model.train() if value_model is not None else None
         self.tokenizer = tokenizer
         self.scorer, self.gold_fn, self.evaluate_fn = scorer, gold_fn, evaluate_fn
-        self.acfg, self.rcfg = acfg, rcfg
+        # the module's own copies: a schedule (rl.schedule) changes them between rollout steps
+        self.acfg, self.rcfg = copy.deepcopy(acfg), copy.deepcopy(rcfg)
+        #: rollout step -> {schedulable key: value} taking effect at the start of that step
+        self.schedule: dict[int, dict] = dict(parse_schedule(rcfg.schedule, rcfg.total_steps))
         self.work_dir = Path(work_dir) if work_dir else None
         self.grad_clip = grad_clip
         self.seed = seed
@@ -103,6 +123,8 @@ class OnlineRLModule(L.LightningModule):
         self.rollout_step = 0
         #: the latest held-out evaluation, ``{"step": s, "eval/gold_reward": ..}`` (rank 0)
         self.last_eval: dict | None = None
+        #: the module's part of a checkpoint being resumed from (applied in ``on_fit_start``)
+        self._resumed: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_optimizers(self):
@@ -117,8 +139,27 @@ class OnlineRLModule(L.LightningModule):
     def on_fit_start(self):
         # each rank samples its own stream; same seed + rank -> same numbers
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed * 1009 + self.global_rank)
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:  # a mid-stage checkpoint (pipeline.resume): continue its streams
+            self._generator.set_state(resumed["generator"])
+            for step in sorted(self.schedule):  # the settings in effect (the state already holds their effect)
+                if step < self.rollout_step:
+                    self.apply_hyperparameters(self.schedule[step], state=False)
+            return  # its step-0 evaluation is in the restored curve.jsonl
         if self.evaluate_fn is not None and self.rcfg.eval_every > 0:
             self._evaluate()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What a mid-stage checkpoint needs beyond weights and optimizer: the rollout step, the KL
+        controller's coefficient and the rollout generator (this rank's; rank 0's on disk)."""
+        checkpoint["online_rl"] = {"rollout_step": self.rollout_step, "kl_coef": float(self.kl_ctl.value),
+                                   "generator": self._generator.get_state().cpu()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["online_rl"]
+        self.rollout_step = int(state["rollout_step"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self._resumed = state
 
     def on_fit_end(self):
         if self.evaluate_fn is not None and self.rcfg.eval_every > 0 and self.rollout_step % self.rcfg.eval_every:
@@ -155,8 +196,33 @@ class OnlineRLModule(L.LightningModule):
         return Experience(rollout, raw_scores, scores, mask, old_logp, ref_logp, kl, token_rewards, old_values, adv,
                           returns, t_gen, t_score)
 
+    def apply_hyperparameters(self, values: dict, state: bool = True) -> None:
+        """Set schedulable hyperparameters (``{"algorithm.kl_coef": 0.1, ...}``, see
+        :mod:`pipeline.modules.schedule`) from now on. ``state=True`` also pushes them into the
+        training state: learning rates into the optimizer and its LR schedule, ``kl_coef`` into the
+        KL controller (a resumed run restores that state from its checkpoint instead)."""
+        for key, value in values.items():
+            section, name = key.split(".", 1)
+            if section == "rl":  # rl.optim.lr
+                self.rcfg.optim.lr = value
+            else:
+                self.acfg[name] = value
+            if name in ("kl_target", "kl_horizon") and hasattr(self.kl_ctl, name[3:]):
+                setattr(self.kl_ctl, name[3:], float(value))
+            if state and name == "kl_coef":
+                self.kl_ctl.value = float(value)
+        self.sampling = self.sampling.replace(temperature=self.acfg.temperature, top_p=self.acfg.top_p,
+                                              top_k=self.acfg.top_k)
+        if state and ("rl.optim.lr" in values or "algorithm.critic_lr" in values):
+            lrs = [self.rcfg.optim.lr]
+            if self.value_model is not None:
+                lrs.append(self.acfg.critic_lr or self.rcfg.optim.lr)
+            _set_learning_rates(self.optimizers(), self.lr_schedulers(), lrs)
+
     def training_step(self, rows: list[dict], batch_idx: int):
         t0 = time.perf_counter()
+        if self.rollout_step in self.schedule:
+            self.apply_hyperparameters(self.schedule[self.rollout_step])
         exp = self.experience(rows)
         rollout, raw_scores, kl, mask = exp.rollout, exp.raw_scores, exp.kl, exp.mask
         t_gen, t_score = exp.gen_time_s, exp.score_time_s

@@ -30,7 +30,7 @@ from pipeline.training import MetricsHook
 STAGES: Registry[type["Stage"]] = Registry("stage kind")
 
 #: trainer keys that do not change results (excluded from fingerprints)
-_TRAINER_COSMETIC = ("enable_progress_bar", "log_every_n_steps")
+_TRAINER_COSMETIC = ("enable_progress_bar", "log_every_n_steps", "checkpoint_every_n_steps")
 
 
 @dataclass(frozen=True)
@@ -64,15 +64,22 @@ class Stage:
     #: the ``algorithm=`` schema this kind reads (None: it reads no ``algorithm`` section);
     #: the runner rejects an algorithm preset made for another stage kind
     algorithm_schema: ClassVar[type | None] = None
+    #: the config key of the stage's hyperparameter schedule (``rl.schedule``; None: it has none)
+    #: and the keys a schedule may change: population-based training tunes only those
+    schedule_key: ClassVar[str | None] = None
+    schedulable: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: DictConfig, spec, inputs: dict[str, Any], hook: MetricsHook | None = None,
-                 run_dir: Path | None = None):
+                 run_dir: Path | None = None, resume=None):
         self.cfg = cfg
         self.spec = spec
         self.name: str = spec.name
         self.inputs = inputs
         self.hook = hook
         self.run_dir = run_dir
+        #: the stage's mid-stage checkpoints (:class:`pipeline.resume.ResumeState`; None: none),
+        #: passed to ``build_trainer(resume=...)``
+        self.resume = resume
         #: extra manifest fields a stage wants to publish
         self.record: dict = {}
 

@@ -30,6 +30,7 @@ from pipeline.config import plain
 from pipeline.config.schema import DPOConfig
 from pipeline.data import (
     PreferenceCollator,
+    ResumableLoader,
     load_preference_examples,
     seeded_generator,
     split_holdout,
@@ -43,7 +44,7 @@ from pipeline.models.policy import apply_lora, disable_dropout, policy_from_arti
 from pipeline.modules.dpo import DPOModule, LossSpec, heldout_metrics, reference_logps
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
-from pipeline.training import RecordSteps, build_trainer, trained_steps
+from pipeline.training import RecordSteps, build_trainer, fit, trained_steps
 
 #: artifact-store kind of cached reference log-probs, and the file holding them
 REF_KIND = "ref_logps"
@@ -219,14 +220,15 @@ class DPOStage(Stage):
             ref_model = None  # not kept in memory while training
             reference = f"precomputed ({reference})"
         gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
-        train_loader = DataLoader(train_rows, batch_size=dcfg.batch_size, shuffle=True, collate_fn=collate,
+        train_loader = ResumableLoader(train_rows, batch_size=dcfg.batch_size, shuffle=True, collate_fn=collate,
                                   generator=gen)
         val_loader = (DataLoader(val_rows, batch_size=dcfg.eval_batch_size, collate_fn=collate) if val_rows else None)
         module = DPOModule(policy, loss, dcfg.optim, ref_model=ref_model)
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_epochs=dcfg.max_epochs,
                                 max_steps=dcfg.max_steps, accumulate_grad_batches=dcfg.gradient_accumulation_steps,
-                                hook=self.hook, checkpoint=dcfg.checkpoint, callbacks=[RecordSteps()])
-        trainer.fit(module, train_loader, val_loader)
+                                hook=self.hook, checkpoint=dcfg.checkpoint, callbacks=[RecordSteps()],
+                                resume=self.resume)
+        fit(trainer, module, train_loader, val_loader)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if val_loader is not None:
             metrics.update(heldout_metrics(module, val_loader))

@@ -13,12 +13,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from pipeline.algorithms.preference_losses import PREFERENCE_LOSSES, validate_loss_config
 from pipeline.config import plain
 from pipeline.config.schema import NLHFAlgorithmConfig, PreferenceLossOptions
-from pipeline.data import load_prompt_rows, seeded_generator
+from pipeline.data import ResumableLoader, load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
 from pipeline.models.loading import save_pretrained
@@ -30,7 +28,7 @@ from pipeline.modules.online_objectives import ONLINE_OBJECTIVES
 from pipeline.scoring import JUDGES
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
-from pipeline.training import build_trainer
+from pipeline.training import build_trainer, fit
 
 UPDATES = ("plain", "extragradient")
 #: the algorithm settings an objective may read (declared per objective as ``options``)
@@ -158,9 +156,9 @@ class NLHFStage(Stage):
             rows, _, max_prompt_length = self.user_prompts("nlhf", policy, tokenizer, acfg.max_new_tokens, work_dir)
         else:
             rows, max_prompt_length = task.prompts("rl"), None
-        loader = DataLoader(rows, batch_size=ncfg.prompts_per_step, shuffle=True,
-                            drop_last=len(rows) >= ncfg.prompts_per_step, collate_fn=list,
-                            generator=seeded_generator(cfg.seed))
+        loader = ResumableLoader(rows, batch_size=ncfg.prompts_per_step, shuffle=True,
+                                 drop_last=len(rows) >= ncfg.prompts_per_step, collate_fn=list,
+                                 generator=seeded_generator(cfg.seed))
         evaluator = self._evaluator(task, tokenizer, ref_policy)
         module = OnlinePreferenceModule(policy, tokenizer, judge, acfg, ncfg, ref_policy=ref_policy,
                                         loss_options=loss_options(acfg), evaluate_fn=evaluator, work_dir=work_dir,
@@ -169,8 +167,8 @@ class NLHFStage(Stage):
         per_iteration = 2 * acfg.inner_steps if acfg.update_rule == "extragradient" else 1
         iterations = ncfg.rounds * ncfg.steps_per_round
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_steps=iterations * per_iteration,
-                                max_epochs=-1, hook=self.hook, gradient_clip=False)
-        trainer.fit(module, loader)
+                                max_epochs=-1, hook=self.hook, gradient_clip=False, resume=self.resume)
+        fit(trainer, module, loader)
         save_pretrained(module.policy, tokenizer, work_dir / "model")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics["train/steps"] = int(metrics.pop("train/rollout_step", module.rollout_step))

@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from pipeline.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, requirements
 from pipeline.config import plain
 from pipeline.config.schema import AlgorithmConfig
-from pipeline.data import load_prompt_rows, seeded_generator
+from pipeline.data import ResumableLoader, load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
 from pipeline.models.loading import save_pretrained
@@ -25,10 +23,11 @@ from pipeline.models.policy import trainable_policy
 from pipeline.models.reward import RewardScorer
 from pipeline.models.value import build_critic
 from pipeline.modules.rl import OnlineRLModule
+from pipeline.modules.schedule import SCHEDULABLE, parse_schedule
 from pipeline.scoring import REWARD_SOURCES, GoldScorer, build_scorer
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
-from pipeline.training import build_trainer
+from pipeline.training import build_trainer, fit
 
 
 def validate_batch_sizes(cfg) -> None:
@@ -64,10 +63,13 @@ class RLStage(Stage):
     headline = ("rollout/reward_mean", "rollout/gold_reward", "policy/kl", "eval/gold_reward", "eval/proxy_reward",
                 "eval/kl", "train/steps")
     algorithm_schema = AlgorithmConfig
+    schedule_key = "rl.schedule"
+    schedulable = tuple(SCHEDULABLE)
 
     @classmethod
     def validate(cls, cfg, spec) -> None:
         validate_batch_sizes(cfg)
+        parse_schedule(cfg.rl.schedule, cfg.rl.total_steps)
         ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator, key="algorithm.advantage_estimator")
         POLICY_LOSSES.get(cfg.algorithm.policy_loss, key="algorithm.policy_loss")
         KL_ESTIMATORS.get(cfg.algorithm.kl_estimator, key="algorithm.kl_estimator")
@@ -100,16 +102,16 @@ class RLStage(Stage):
         else:
             rows, max_prompt_length = task.prompts("rl"), None
         gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loader to workers
-        loader = DataLoader(rows, batch_size=rcfg.prompts_per_step, shuffle=True,
-                            drop_last=len(rows) >= rcfg.prompts_per_step, collate_fn=list, generator=gen)
+        loader = ResumableLoader(rows, batch_size=rcfg.prompts_per_step, shuffle=True,
+                                 drop_last=len(rows) >= rcfg.prompts_per_step, collate_fn=list, generator=gen)
         module = OnlineRLModule(policy, tokenizer, scorer, acfg, rcfg, ref_policy=ref_policy, value_model=value_model,
                                 gold_fn=gold_fn, evaluate_fn=self._evaluator(task, tokenizer, scorer, ref_policy, heldout),
                                 work_dir=work_dir, grad_clip=cfg.trainer.gradient_clip_val, seed=cfg.seed,
                                 max_prompt_length=max_prompt_length)
         optimizer_steps = rcfg.total_steps * acfg.ppo_epochs * acfg.num_mini_batches  # Lightning counts these
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_steps=optimizer_steps, max_epochs=-1,
-                                hook=self.hook, gradient_clip=False)
-        trainer.fit(module, loader)
+                                hook=self.hook, gradient_clip=False, resume=self.resume)
+        fit(trainer, module, loader)
         save_pretrained(module.policy, tokenizer, work_dir / "model")  # LoRA adapters merged
         # callback_metrics also come back from ddp_spawn workers (module attributes do not)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
