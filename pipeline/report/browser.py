@@ -102,7 +102,9 @@ class _DevTools:
         self.ws.send(json.dumps({"id": my, "method": method, "params": params or {}}))
         deadline = time.time() + timeout
         while time.time() < deadline:
-            msg = json.loads(self.ws.recv())
+            msg = self._recv(deadline)
+            if msg is None:
+                continue
             if msg.get("id") == my:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
@@ -116,16 +118,22 @@ class _DevTools:
             return True
         deadline = time.time() + timeout
         while time.time() < deadline:
-            self.ws.settimeout(max(0.1, deadline - time.time()))
-            try:
-                msg = json.loads(self.ws.recv())
-            except Exception:  # noqa: BLE001 - websocket timeout
-                return False
-            if "method" in msg:
+            msg = self._recv(deadline)
+            if msg is not None and "method" in msg:
                 self.events.append(msg)
                 if msg["method"] == method:
                     return True
         return False
+
+    def _recv(self, deadline: float) -> dict | None:
+        """The next message, or None when none came before ``deadline``."""
+        import websocket
+
+        self.ws.settimeout(max(0.05, deadline - time.time()))
+        try:
+            return json.loads(self.ws.recv())
+        except websocket.WebSocketTimeoutException:
+            return None
 
     def close(self) -> None:
         try:

@@ -240,12 +240,12 @@ def is_number(v) -> bool:
 
 
 def _positions(values: Sequence) -> tuple[list[float], list[str] | None, bool]:
-    """x positions for parameter values: numbers as they are (log scale when they span > 2 decades
+    """x positions for parameter values: numbers as they are (log scale when they span a decade or more
     and are positive), anything else as categories. Returns (xs, category labels, log)."""
     if all(is_number(v) for v in values if v is not None):
         xs = [float(v) if v is not None else math.nan for v in values]
         pos = [x for x in xs if x > 0]
-        log = len(pos) == len(_finite(xs)) and pos and max(pos) / min(pos) > 100
+        log = len(pos) == len(_finite(xs)) and pos and max(pos) / min(pos) >= 9.99
         return xs, None, bool(log)
     cats = list(dict.fromkeys(str(v) for v in values))
     return [float(cats.index(str(v))) for v in values], cats, False
@@ -270,17 +270,23 @@ def objective_vs_params(rows: list[dict], params: list[str], objectives: list[st
             keep = [k for k, r in enumerate(rows) if is_number(r["values"].get(o)) and r["params"].get(p) is not None]
             xs, cats, log = _positions([rows[k]["params"].get(p) for k in keep])
             ys = [rows[k]["values"][o] for k in keep]
-            for mark in sorted({(marks or ["o"] * len(rows))[k] for k in keep}):
-                sel = [n for n, k in enumerate(keep) if (marks or ["o"] * len(rows))[k] == mark]
-                c = [colors[keep[n]] for n in sel] if colors else color(0)
-                sc = ax.scatter([xs[n] for n in sel], [ys[n] for n in sel], c=c, cmap="viridis", marker=mark, s=26,
-                                alpha=0.85, edgecolors="none" if mark != "x" else None,
-                                vmin=min(colors) if colors else None, vmax=max(colors) if colors else None)
+            row_marks = marks or ["o"] * len(rows)
+            for mark in sorted({row_marks[k] for k in keep}):
+                sel = [n for n, k in enumerate(keep) if row_marks[k] == mark]
+                style = dict(marker=mark, s=26, alpha=0.85)
+                if colors:
+                    style.update(c=[colors[keep[n]] for n in sel], cmap="viridis", vmin=min(colors), vmax=max(colors))
+                else:
+                    style.update(color=color(0))
+                sc = ax.scatter([xs[n] for n in sel], [ys[n] for n in sel], **style)
             if cats is not None:
                 ax.set_xticks(range(len(cats)), cats, fontsize=8, rotation=20 if len(cats) > 3 else 0)
                 ax.set_xlim(-0.5, len(cats) - 0.5)
             elif log:
+                from matplotlib.ticker import NullFormatter
+
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(NullFormatter())
             _style(ax, "", p if i == len(objectives) - 1 else "", o if j == 0 else "")
     if colors and sc is not None:
         fig.colorbar(sc, ax=axes, shrink=0.6, label="trial").ax.tick_params(labelsize=7)
