@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.summary import headline_keys
+
 #: metrics shown in summaries when a run does not record its stages' headline (runs made before it did)
 DEFAULT_HEADLINE = ("eval/gold_reward", "eval/proxy_reward", "eval/kl", "eval/win_rate", "eval/rm_accuracy",
                     "eval/pm_accuracy", "val/loss", "val/accuracy", "rollout/reward_mean", "train/steps")
@@ -107,17 +109,6 @@ def read_metrics_csv(path: Path, problems: Problems) -> dict[str, list[tuple[flo
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         problems.add(f"{path} is unreadable: {err}")
     return series
-
-
-def headline_keys(metrics: dict, keys) -> list[str]:
-    """Metrics named in ``keys``; a key ending in ``/`` selects every metric under that prefix."""
-    shown = []
-    for key in keys:
-        if key.endswith("/"):
-            shown += sorted(k for k in metrics if k.startswith(key))
-        elif key in metrics:
-            shown.append(key)
-    return list(dict.fromkeys(shown))
 
 
 # ----------------------------------------------------------------------------- a run
