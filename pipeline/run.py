@@ -209,7 +209,7 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
     run_info: dict = {"seed": cfg.seed, "versions": versions(), "runtime": runtime_info(),
                       "overrides": list(cfg.get("overrides") or []), "stages": {}}
     done: dict[str, Any] = {}
-    built: list[str] = []  # stages built (not reused) by this run
+    new_stages: list[str] = []  # stages built (not reused) by this run
     for st in stages:
         spec, fp = st.spec, st.fingerprint
         t0 = time.time()
@@ -232,7 +232,7 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
                         record["metrics"] = stage.run(work)
                         record.update(stage.record)
                         tracked.finish(record["metrics"])
-                    built.append(spec.name)
+                    new_stages.append(spec.name)
                     art = store.lookup(spec.kind, fp)
                     if art is None:  # non-zero rank under torchrun: rank 0 published it
                         raise RuntimeError(f"artifact for stage {spec.name} missing after build")
@@ -256,7 +256,7 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
         if hook is not None:
             hook(spec.name, -1, dict(art.metrics))
 
-    _record_tracking(cfg, run_info, [done[n].path for n in built])
+    _record_tracking(cfg, run_info, [done[n].path for n in new_stages])
     try:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, allow_nan=False))
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))

@@ -101,8 +101,8 @@ class StageProgress(Callback):
     #: shown when the module logs nothing with prog_bar=True (online RL logs its metrics itself)
     FALLBACK = ("eval/gold_reward", "rollout/reward_mean", "train/loss")
 
-    def __init__(self, stage: str):
-        self.stage = stage
+    def __init__(self, stage: str, console=None):
+        self.stage, self.console = stage, console
         self.progress = self.task = None
 
     def _text(self, trainer) -> str:
@@ -120,7 +120,7 @@ class StageProgress(Callback):
         total = trainer.estimated_stepping_batches
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 TextColumn("{task.fields[metrics]}"), transient=True)
+                                 TextColumn("{task.fields[metrics]}"), console=self.console, transient=True)
         self.progress.start()
         self.task = self.progress.add_task(f"{self.stage}", total=None if total == float("inf") else int(total),
                                            metrics="")

@@ -51,7 +51,7 @@ def latest(root: Path) -> Path | None:
     for sub in ("runs", "multirun"):
         for day in _children(Path(root) / "outputs" / sub):
             for d in _children(day):
-                if d.is_dir() and not d.name.startswith("."):
+                if d.is_dir() and not d.name.startswith(".") and kind_of(d) is not None:
                     key = f"{day.name}/{d.name}"
                     if best is None or key > best[0]:
                         best = (key, d)

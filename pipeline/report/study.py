@@ -179,23 +179,32 @@ def param_keys(data: StudyData) -> list[str]:
     return list(dict.fromkeys([k for k in keys if k in seen] + seen))
 
 
-def importances(data: StudyData) -> dict[str, dict[str, float]]:
+def importances(data: StudyData, why: list[str] | None = None) -> dict[str, dict[str, float]]:
     """Optuna's fANOVA importances (seeded) per objective, over the study's own distributions (or a
-    study rebuilt from the records when only trials.csv could be read)."""
+    study rebuilt from the records when only trials.csv could be read). Objectives whose importances
+    are undefined (fewer than two complete trials, an objective that never varied) are left out, with
+    the reason appended to ``why``."""
     import optuna
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
+    why = why if why is not None else []
     study = data.study if data.study is not None else _rebuild(data)
     out = {}
     complete = [t for t in data.trials if t.state == "COMPLETE" and t.values]
     if len(complete) < 2:
+        why.append(f"importances need at least two complete trials ({len(complete)} so far)")
         return out
     for i, o in enumerate(data.objectives):
+        values = {round(t.values[i], 12) for t in complete if i < len(t.values) and plots.is_number(t.values[i])}
+        if len(values) < 2:
+            why.append(f"{o['metric']} is the same in every complete trial: no parameter explains any of it")
+            continue
         with _quiet():
             try:
                 imp = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
                                             target=lambda t, i=i: t.values[i])
-            except (RuntimeError, ValueError, ZeroDivisionError, optuna.exceptions.OptunaError):
+            except (RuntimeError, ValueError, ZeroDivisionError, optuna.exceptions.OptunaError) as err:
+                why.append(f"importances of {o['metric']}: {str(err).strip().splitlines()[0]}")
                 continue
         out[o["metric"]] = {str(k): float(v) for k, v in imp.items()}
     return out
@@ -367,11 +376,12 @@ def build(study_dir: Path, storage: str | None = None) -> Page:
     page.section("Parameter importances")
     imps: dict = {}
     with _guard(page, "the parameter importances"):
-        imps = importances(data)
+        why: list[str] = []
+        imps = importances(data, why)
+        for reason in why:
+            page.note(reason, missing=False)
         fig = study_plots.importances(imps)
-        if fig is None:
-            page.note("importances need at least two complete trials whose parameters vary", missing=False)
-        else:
+        if fig is not None:
             page.figure(fig, "importances", "How much of each objective's variance each parameter explains "
                         "(Optuna's fANOVA importance evaluator, seed 0).")
     ranked = list(dict.fromkeys([k for imp in imps.values() for k in imp if k in keys] + keys))[:MAX_PARAMS]
