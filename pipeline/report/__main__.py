@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
                     "(outputs/multirun/<date>/<time>) or study directory (outputs/studies/<name>); default: the "
                     "latest run or multirun under outputs/")
     ap.add_argument("--out", help="where to write report.html and the figures (default: PATH/report)")
+    ap.add_argument("--check", action="store_true",
+                    help="open the page in headless Chromium: fail (exit 1) on a console error, a network request "
+                         "or a blank figure")
+    ap.add_argument("--screenshot", metavar="PNG", help="with --check: save a screenshot of the top of the page")
+    ap.add_argument("--height", type=int, default=1400, help="screenshot height in pixels (default 1400)")
     args = ap.parse_args(argv)
     try:
         if args.path is None:
@@ -40,7 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     figures = sorted(p.name for p in html.parent.glob("*.png"))
     print(f"report: {html}  ({len(figures)} figures as PNG next to it, {time.time() - t0:.1f}s)")
     print(f"open it: file://{html.resolve()}")
+    if args.check or args.screenshot:
+        return _check(html, args.screenshot, args.height)
     return 0
+
+
+def _check(html: Path, screenshot: str | None, height: int) -> int:
+    """The page in headless Chromium (see :mod:`pipeline.report.browser`)."""
+    from pipeline.report.browser import check_page, find_chromium
+
+    if find_chromium() is None:
+        print("error: --check needs Chromium (apt-get install chromium, or set CHROMIUM=<executable>)", file=sys.stderr)
+        return 2
+    page = check_page(html, screenshot=Path(screenshot) if screenshot else None, height=height)
+    for problem in page.problems():
+        print(f"page problem: {problem}", file=sys.stderr)
+    print(f"checked in Chromium: {len(page.images)} figures rendered, {len(page.problems())} problem(s)"
+          + (f"; screenshot: {screenshot}" if screenshot else ""))
+    return 0 if page.ok else 1
 
 
 if __name__ == "__main__":

@@ -240,9 +240,9 @@ def config_section(page: Page, run: RunData) -> None:
 def add_run(page: Page, run: RunData) -> None:
     summary_section(page, run)
     evals = evaluations(run)
-    for name, fn in (("training curves", lambda: curves_section(page, run)),
-                     ("over-optimisation", lambda: overoptimisation_section(page, run, evals)),
+    for name, fn in (("over-optimisation", lambda: overoptimisation_section(page, run, evals)),
                      ("policies", lambda: policies_section(page, evals)),
+                     ("training curves", lambda: curves_section(page, run)),
                      ("models", lambda: models_section(page, evals)),
                      ("examples", lambda: examples_section(page, run, evals)),
                      ("config", lambda: config_section(page, run))):
