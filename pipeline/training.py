@@ -81,7 +81,9 @@ class FinishWandb(Callback):
 
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
-                if lg._experiment is not active_run():
+                # the runner's run is finished by the runner; a run a spawned DDP worker attached to
+                # (``_attach_id``) by the process that created it (finishing it here hangs that one)
+                if lg._experiment is not active_run() and getattr(lg, "_attach_id", None) is None:
                     lg._experiment.finish(exit_code=exit_code)
                 lg._experiment = None
 

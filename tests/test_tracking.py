@@ -299,3 +299,27 @@ def test_stage_progress_bar_on_a_terminal_only(tmp_path, monkeypatch):
     trainer.fit(Tiny(), torch.utils.data.DataLoader(torch.ones(6, 1), batch_size=1))
     text = out.getvalue()
     assert "sft" in text and "ETA" in text and "train/loss=" in text and "/6" in text
+
+
+def test_wandb_stage_run_with_ddp_spawn_workers(tmp_path):
+    """The runner opens the stage's run in the driver; spawned DDP workers attach to it and log the training
+    history; the driver adds the final metrics and finishes it (a worker finishing it would hang the driver)."""
+    import json
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), HOME=str(home), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "logger=wandb", "trainer=ddp", "trainer.devices=2",
+                           "pipeline=sft", *FAST], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (offline,) = list((tmp_path / "outputs" / "artifacts").glob("sft-*/wandb/offline-run-*"))
+    records = _records(offline)
+    history = {i.key or "/".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+               for i in r.history.item}
+    assert {"train/loss", "val/loss"} <= history  # from the rank-0 worker
+    (run_dir,) = list((tmp_path / "outputs" / "runs").glob("*/*"))
+    metrics = json.loads((run_dir / "results.json").read_text())["stages"]["sft"]["metrics"]
+    assert _updates(records, "summary")["train/steps"] == metrics["train/steps"]  # from the driver
+    assert any(r.WhichOneof("record_type") == "exit" for r in records)

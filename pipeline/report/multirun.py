@@ -8,7 +8,6 @@ from pathlib import Path
 from pipeline.report import plots
 from pipeline.report.data import DEFAULT_HEADLINE, RunData, headline_keys, is_run_dir, load_run
 from pipeline.report.page import Page
-from pipeline.report.run import _guard
 
 #: objectives drawn against the parameters at most
 MAX_OBJECTIVES = 6
@@ -112,7 +111,7 @@ def build(multirun_dir: Path) -> Page:
     elif not objectives:
         page.note("no headline metric differs between the finished jobs")
     else:
-        with _guard(page, "objectives against parameters"):
+        with page.guard("objectives against parameters"):
             fig = plots.objective_vs_params(
                 [{"params": p, "values": {names[o]: v[o] for o in objectives if o in v}} for p, v in zip(params, values)],
                 keys, [names[o] for o in objectives])

@@ -99,6 +99,20 @@ class Page:
         if missing:
             self.missing.append(f"{self.current.title}: {text}")
 
+    def guard(self, what: str):
+        """Context: an unexpected error while drawing ``what`` becomes a note on the page, never a traceback."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            try:
+                yield
+            except Exception as err:  # noqa: BLE001 - a report shows what it can
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                self.note(f"could not draw {what}: {type(err).__name__}: {first}")
+
+        return ctx()
+
     def pre(self, text: str, summary: str | None = None) -> None:
         block = f"<pre>{esc(text)}</pre>"
         if summary:

@@ -101,10 +101,11 @@ def overoptimisation(curves: dict[str, list[dict]], final: dict[str, dict] | Non
     curves = {k: v for k, v in curves.items() if any("eval/kl" in p and "eval/gold_reward" in p for p in v)}
     if not curves:
         return None
-    has_proxy = any("eval/proxy_reward" in p for pts in curves.values() for p in pts)
-    fig, axes = _grid(2 if has_proxy else 1, ncols=2, w=5.2, h=3.8)
-    panels = [("eval/gold_reward", "gold reward (held-out)")] + ([("eval/proxy_reward", "proxy reward (held-out)")]
-                                                                 if has_proxy else [])
+    panels = [(k, t) for k, t in (("eval/gold_reward", "gold reward (held-out)"),
+                                  ("eval/proxy_reward", "proxy reward (held-out)"),
+                                  ("eval/win_rate", "gold win rate vs the starting policy (held-out)"))
+              if any(k in p for pts in curves.values() for p in pts)]
+    fig, axes = _grid(len(panels), ncols=len(panels), w=5.2, h=3.8)
     for ax, (key, title) in zip(axes, panels):
         for i, (stage, pts) in enumerate(curves.items()):
             pts = [p for p in pts if key in p and "eval/kl" in p]
@@ -121,7 +122,9 @@ def overoptimisation(curves: dict[str, list[dict]], final: dict[str, dict] | Non
                     ax.errorbar([m["kl"]], [m["gold_reward"]], yerr=[m.get("gold_reward_ci95", 0.0)], fmt="*", ms=10,
                                 color="black", alpha=0.75, capsize=2)
                     ax.annotate(name, (m["kl"], m["gold_reward"]), fontsize=7, xytext=(4, -9), textcoords="offset points")
-        _style(ax, title, "KL(π ‖ π_ref) [nats]", "reward")
+        if key == "eval/win_rate":
+            ax.axhline(0.5, color="gray", lw=0.8, ls=":")
+        _style(ax, title, "KL(π ‖ π_ref) [nats]", "win rate" if key == "eval/win_rate" else "reward")
         ax.legend(fontsize=7, loc="best")
     return fig
 

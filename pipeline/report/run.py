@@ -16,20 +16,6 @@ _NOT_TRAINED = ("evaluate",)
 N_EXAMPLES = 4
 
 
-def _guard(page: Page, what: str):
-    """Context: an unexpected error while drawing ``what`` becomes a note, never a traceback."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def ctx():
-        try:
-            yield
-        except Exception as err:  # noqa: BLE001 - a report shows what it can
-            page.note(f"could not draw {what}: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}")
-
-    return ctx()
-
-
 def evaluations(run: RunData) -> dict[str, dict]:
     out = {}
     for st in run.stages:
@@ -78,7 +64,7 @@ def curves_section(page: Page, run: RunData) -> None:
         series = read_metrics_csv(path, problems)
         for p in problems:
             page.note(f"stage {st.name}: {p}")
-        with _guard(page, f"the curves of stage {st.name}"):
+        with page.guard(f"the curves of stage {st.name}"):
             fig, skipped = plots.training_curves(series, f"{st.name} ({st.kind})")
             if fig is None:
                 page.note(f"stage {st.name}: its metrics file has no curves to draw")
@@ -110,7 +96,7 @@ def overoptimisation_section(page: Page, run: RunData, evals: dict[str, dict]) -
     final = {}
     for ev in evals.values():
         final.update(ev.get("policies") or {})
-    with _guard(page, "the over-optimisation plot"):
+    with page.guard("the over-optimisation plot"):
         fig = plots.overoptimisation(curves, final)
         if fig is None:
             if curves:
@@ -141,7 +127,7 @@ def policies_section(page: Page, evals: dict[str, dict]) -> None:
         extra = [k for k in ("gold_reward_std", "gold_reward_ci95", "win_rate_ci95", "num_samples")
                  if any(k in m for m in policies.values())]
         page.table(["policy"] + cols + extra, [[n] + [m.get(k) for k in cols + extra] for n, m in policies.items()])
-        with _guard(page, f"the policy comparison of {stage}"):
+        with page.guard(f"the policy comparison of {stage}"):
             fig = plots.policy_comparison(policies)
             if fig is not None:
                 page.figure(fig, f"policies-{stage}", "Policies side by side (error bars: 95% confidence intervals).")
@@ -151,7 +137,7 @@ def policies_section(page: Page, evals: dict[str, dict]) -> None:
         for judge, matrix in (ev.get("win_rates") or {}).items():
             if not matrix:
                 continue
-            with _guard(page, f"the {judge} win rates of {stage}"):
+            with page.guard(f"the {judge} win rates of {stage}"):
                 fig = plots.win_rate_matrix(matrix, titles.get(judge, judge))
                 if fig is not None:
                     page.figure(fig, f"win-rates-{stage}-{judge}", titles.get(judge, judge))
@@ -169,12 +155,12 @@ def models_section(page: Page, evals: dict[str, dict]) -> None:
     page.table(["model", "accuracy"] + subsets + ["ECE", "gold MAE", "pairs"],
                [[n, m.get("accuracy")] + [(m.get("by_subset") or {}).get(s) for s in subsets]
                 + [m.get("ece"), m.get("gold_mae"), m.get("pairs")] for n, m in models.items()])
-    with _guard(page, "model accuracy"):
+    with page.guard("model accuracy"):
         fig = plots.accuracy_by_subset(models)
         if fig is not None:
             page.figure(fig, "model-accuracy", "Pairwise accuracy on held-out pairs labelled by the gold preference, "
                         "overall and per subset.")
-    with _guard(page, "calibration"):
+    with page.guard("calibration"):
         fig = plots.calibration(models)
         if fig is not None:
             page.figure(fig, "calibration", "Calibration: accuracy against confidence of P(chosen ≻ rejected) "
@@ -246,7 +232,7 @@ def add_run(page: Page, run: RunData) -> None:
                      ("models", lambda: models_section(page, evals)),
                      ("examples", lambda: examples_section(page, run, evals)),
                      ("config", lambda: config_section(page, run))):
-        with _guard(page, name):
+        with page.guard(name):
             fn()
 
 

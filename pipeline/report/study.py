@@ -19,7 +19,6 @@ from pathlib import Path
 from pipeline.report import plots, study_plots
 from pipeline.report.data import Problems, read_json
 from pipeline.report.page import Page, fmt
-from pipeline.report.run import _guard
 
 #: parameters drawn in the slice and parallel-coordinate plots at most (most important first)
 MAX_PARAMS = 8
@@ -366,7 +365,7 @@ def build(study_dir: Path, storage: str | None = None) -> Page:
         return page
 
     page.section("Optimisation history")
-    with _guard(page, "the optimisation history"):
+    with page.guard("the optimisation history"):
         fig = study_plots.history(data.trials, objs)
         if fig is None:
             page.note("no complete trial yet")
@@ -375,7 +374,7 @@ def build(study_dir: Path, storage: str | None = None) -> Page:
 
     page.section("Parameter importances")
     imps: dict = {}
-    with _guard(page, "the parameter importances"):
+    with page.guard("the parameter importances"):
         why: list[str] = []
         imps = importances(data, why)
         for reason in why:
@@ -387,12 +386,12 @@ def build(study_dir: Path, storage: str | None = None) -> Page:
     ranked = list(dict.fromkeys([k for imp in imps.values() for k in imp if k in keys] + keys))[:MAX_PARAMS]
 
     page.section("Parameters and objectives")
-    with _guard(page, "the parallel coordinates"):
+    with page.guard("the parallel coordinates"):
         fig = study_plots.parallel_coordinates(data.trials, ranked, objs[0]) if objs else None
         if fig is not None:
             page.figure(fig, "parallel-coordinates", "Each complete trial as a line through its parameter values and "
                         f"{objs[0]['metric']}.")
-    with _guard(page, "the slice plots"):
+    with page.guard("the slice plots"):
         rows = [{"params": t.params, "values": dict(zip([o["metric"] for o in objs], t.values))}
                 for t in data.trials if t.state == "COMPLETE" and t.values]
         fig = plots.objective_vs_params(rows, ranked, [o["metric"] for o in objs],
@@ -407,12 +406,12 @@ def build(study_dir: Path, storage: str | None = None) -> Page:
         page.section("Pareto front")
         s = data.summary or {}
         reference = s.get("hypervolume_reference")
-        with _guard(page, "the Pareto front"):
+        with page.guard("the Pareto front"):
             fig = study_plots.pareto(data.trials, objs, pareto_front(data), reference)
             if fig is not None:
                 page.figure(fig, "pareto-front", "Complete trials on the first two objectives; the front of the "
                             "feasible ones in red.")
-        with _guard(page, "the hypervolume history"):
+        with page.guard("the hypervolume history"):
             fig = study_plots.hypervolume_history(hypervolume_history(data, reference))
             if fig is not None:
                 page.figure(fig, "hypervolume-history", "Hypervolume dominated by the front of the trials so far "
@@ -420,7 +419,7 @@ def build(study_dir: Path, storage: str | None = None) -> Page:
 
     page.section("Intermediate values and pruning")
     metric = ((data.summary or {}).get("pruner") or {}).get("metric") or (objs[0]["metric"] if objs else "value")
-    with _guard(page, "the intermediate values"):
+    with page.guard("the intermediate values"):
         fig = study_plots.intermediate(data.trials, metric)
         if fig is None:
             page.note("no intermediate values recorded (pruner none, or trials read from trials.csv)", missing=False)
@@ -429,7 +428,7 @@ def build(study_dir: Path, storage: str | None = None) -> Page:
                         "training, seeds one after another; pruned trials end with an x.")
 
     page.section("Trial timeline")
-    with _guard(page, "the timeline"):
+    with page.guard("the timeline"):
         fig = study_plots.timeline(data.trials)
         if fig is None:
             page.note("no trial start times recorded")
@@ -442,7 +441,7 @@ def build(study_dir: Path, storage: str | None = None) -> Page:
         page.note("no test-seed results (test_results.json: written after the trials, with tune.test_seeds)",
                   missing=False)
     else:
-        with _guard(page, "the tuning vs test seeds"):
+        with page.guard("the tuning vs test seeds"):
             fig = study_plots.tuning_vs_test(configs, objs)
             if fig is not None:
                 page.figure(fig, "tuning-vs-test", "The best configuration(s) re-run on seeds the study never saw: "

@@ -10,6 +10,9 @@ from matplotlib.figure import Figure
 
 from pipeline.report.plots import _style, color, is_number
 
+#: trial numbers are written next to points / bars up to this many trials
+MAX_LABELS = 60
+
 STATE_COLORS = {"COMPLETE": "#2ca02c", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#1f77b4",
                 "WAITING": "#7f7f7f"}
 
@@ -138,7 +141,7 @@ def pareto(trials, objectives: list[dict], front: set[int], reference: list[floa
     ax.scatter([t.values[0] for t in rest], [t.values[1] for t in rest], color="#9aa3ad", s=22, label="trial")
     ax.plot([t.values[0] for t in on], [t.values[1] for t in on], color=color(1), marker="o", ms=6, lw=1,
             label="Pareto front")
-    for t in done:
+    for t in done if len(done) <= MAX_LABELS else on:
         ax.annotate(str(t.number), (t.values[0], t.values[1]), xytext=(3, 3), textcoords="offset points", fontsize=7)
     if reference and len(reference) >= 2 and all(is_number(r) for r in reference[:2]):
         ax.scatter([reference[0]], [reference[1]], marker="x", color="black", s=30, label="hypervolume reference")
@@ -173,7 +176,9 @@ def intermediate(trials, metric: str) -> Figure | None:
         ax.plot(steps, ys, color=c, lw=1.1, alpha=0.85, marker="." if len(steps) < 12 else None)
         if t.state == "PRUNED":
             ax.scatter([steps[-1]], [ys[-1]], marker="x", color=c, s=40, zorder=3)
-        ax.annotate(str(t.number), (steps[-1], ys[-1]), xytext=(3, 0), textcoords="offset points", fontsize=7, color=c)
+        if len(withvals) <= MAX_LABELS:
+            ax.annotate(str(t.number), (steps[-1], ys[-1]), xytext=(3, 0), textcoords="offset points", fontsize=7,
+                        color=c)
     from matplotlib.lines import Line2D
 
     states = sorted({t.state for t in withvals})
@@ -201,8 +206,9 @@ def timeline(trials) -> Figure | None:
         end = ((t.complete or now) - t0).total_seconds()
         ax.barh(y, max(end - start, 0.05), left=start, color=STATE_COLORS.get(t.state, "#7f7f7f"), edgecolor="white",
                 height=0.6)
-        ax.annotate(str(t.number), (start + max(end - start, 0.05) / 2, y), ha="center", va="center", fontsize=7,
-                    color="white")
+        if len(timed) <= MAX_LABELS:
+            ax.annotate(str(t.number), (start + max(end - start, 0.05) / 2, y), ha="center", va="center", fontsize=7,
+                        color="white")
     from matplotlib.patches import Patch
 
     states = sorted({t.state for t in timed})
