@@ -172,23 +172,35 @@ def rm_accuracy(scorer, pairs: Sequence[PreferenceExample]) -> dict:
     for subset in sorted({p.subset for p in pairs}):
         idx = torch.tensor([p.subset == subset for p in pairs])
         by_subset[subset] = float(correct[idx].mean())
-    return {"accuracy": float(correct.mean()), "by_subset": by_subset, "pairs": len(pairs)}
+    # the Bradley-Terry reading of the scores: P(chosen > rejected) = sigmoid(r_c - r_r)
+    calibration = reliability(torch.sigmoid((r_c - r_r).double()), torch.ones_like(correct))
+    return {"accuracy": float(correct.mean()), "by_subset": by_subset, "ece": calibration["ece"],
+            "calibration": calibration, "pairs": len(pairs)}
 
 
-def expected_calibration_error(p: torch.Tensor, first_wins: torch.Tensor, bins: int = 10) -> float:
-    """Top-label expected calibration error of binary predictions: the prediction is "first wins"
-    when p > ½ with confidence max(p, 1 − p); over ``bins`` equal-width confidence bins of [½, 1],
-    Σ_b (n_b / N)·|accuracy_b − mean confidence_b|. 0 for a calibrated predictor."""
+def reliability(p: torch.Tensor, first_wins: torch.Tensor, bins: int = 10) -> dict:
+    """Reliability diagram of binary predictions P(first wins) = ``p``: the prediction is "first
+    wins" when p > ½ with confidence max(p, 1 − p); per equal-width confidence bin of [½, 1] (empty
+    bins left out) its mean confidence, accuracy and count, and the top-label expected calibration
+    error ``ece`` = Σ_b (n_b / N)·|accuracy_b − mean confidence_b| (0 for a calibrated predictor)."""
     p = p.double()
     conf = torch.maximum(p, 1 - p)
     correct = ((p > 0.5) == first_wins.bool()).double()
     idx = ((conf - 0.5) * 2 * bins).long().clamp_(0, bins - 1)
-    ece = 0.0
+    ece, out = 0.0, []
     for b in range(bins):
         m = idx == b
         if m.any():
-            ece += float(m.double().mean()) * abs(float(correct[m].mean()) - float(conf[m].mean()))
-    return ece
+            acc, c = float(correct[m].mean()), float(conf[m].mean())
+            ece += float(m.double().mean()) * abs(acc - c)
+            out.append({"low": 0.5 + b / (2 * bins), "high": 0.5 + (b + 1) / (2 * bins), "confidence": c,
+                        "accuracy": acc, "count": int(m.sum())})
+    return {"ece": ece, "bins": out}
+
+
+def expected_calibration_error(p: torch.Tensor, first_wins: torch.Tensor, bins: int = 10) -> float:
+    """Top-label expected calibration error of binary predictions (see :func:`reliability`)."""
+    return reliability(p, first_wins, bins)["ece"]
 
 
 def preference_accuracy(scorer, pairs: Sequence[PreferenceExample], *, bins: int = 10,
@@ -204,8 +216,9 @@ def preference_accuracy(scorer, pairs: Sequence[PreferenceExample], *, bins: int
     for subset in sorted({p.subset for p in pairs}):
         idx = torch.tensor([p.subset == subset for p in pairs])
         by_subset[subset] = float(correct[idx].mean())
-    out = {"accuracy": float(correct.mean()), "by_subset": by_subset,
-           "ece": expected_calibration_error(prob, torch.ones_like(prob), bins), "pairs": len(pairs)}
+    calibration = reliability(prob, torch.ones_like(prob), bins)
+    out = {"accuracy": float(correct.mean()), "by_subset": by_subset, "ece": calibration["ece"],
+           "calibration": calibration, "pairs": len(pairs)}
     if gold is not None:
         target = torch.tensor(list(gold(prompts, chosen, rejected)), dtype=torch.float64)
         out["gold_mae"] = float((prob - target).abs().mean())
@@ -308,8 +321,8 @@ def flat_metrics(result: dict) -> dict[str, float]:
     """``evaluation.json`` as flat metric keys: ``eval/<policy>/<metric>``, the last policy's
     also as ``eval/<metric>``, ``eval/<policy>/win_rate_vs_<other>`` (gold preference) and
     ``eval/<policy>/pm_win_rate_vs_<other>`` (learned preference model), ``eval/rm_accuracy``
-    (+ ``/<subset>``) of the first reward model, ``eval/pm_accuracy`` (+ ``/<subset>``) and
-    ``eval/pm_ece`` of the first preference model."""
+    (+ ``/<subset>``) and ``eval/rm_ece`` (calibration of its Bradley-Terry probabilities) of the first
+    reward model, ``eval/pm_accuracy`` (+ ``/<subset>``) and ``eval/pm_ece`` of the first preference model."""
     out: dict[str, float] = {}
     policies = result.get("policies", {})
     for name, metrics in policies.items():
@@ -325,6 +338,8 @@ def flat_metrics(result: dict) -> dict[str, float]:
         out.update({k.replace(f"eval/{last}/", "eval/"): v for k, v in list(out.items()) if k.startswith(f"eval/{last}/")})
     for rm in list(result.get("reward_models", {}).values())[:1]:
         out["eval/rm_accuracy"] = rm["accuracy"]
+        if "ece" in rm:
+            out["eval/rm_ece"] = rm["ece"]
         out.update({f"eval/rm_accuracy/{s}": v for s, v in rm["by_subset"].items()})
     for pm in list(result.get("preference_models", {}).values())[:1]:
         out["eval/pm_accuracy"] = pm["accuracy"]

@@ -207,6 +207,7 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
 
     from pipeline.artifacts import ArtifactStore, runtime_info, versions
     from pipeline.resume import ResumeState
+    from pipeline.tracking.wandb_runs import stage_run
 
     store = ArtifactStore(cfg.paths.artifact_dir, verify=cfg.cache.verify, lock_timeout_s=cfg.cache.lock_timeout_s)
     store.clean_tmp()
@@ -214,6 +215,7 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
     run_info: dict = {"seed": cfg.seed, "versions": versions(), "runtime": runtime_info(),
                       "overrides": list(cfg.get("overrides") or []), "stages": {}}
     done: dict[str, Any] = {}
+    new_stages: list[str] = []  # stages built (not reused) by this run
     for st in stages:
         spec, fp = st.spec, st.fingerprint
         t0 = time.time()
@@ -235,11 +237,14 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
                     manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in st.input_fps.items()},
                                 "config": st.config, "seed": st.cfg.seed,
                                 "overrides": [str(o) for o in (spec.get("overrides") or [])]}
-                    with store.build(spec.kind, fp, manifest) as (work, record):
+                    with store.build(spec.kind, fp, manifest) as (work, record), \
+                            stage_run(st.cfg, spec.name, spec.kind, work) as tracked:  # W&B: one run per stage
                         record["metrics"] = stage.run(work)
                         record.update(stage.record)
                         if resume.resumed_from is not None:
                             record["resumed_from_step"] = resume.resumed_from
+                        tracked.finish(record["metrics"])
+                    new_stages.append(spec.name)
                     art = store.lookup(spec.kind, fp)
                     if art is None:  # non-zero rank under torchrun: rank 0 published it
                         raise RuntimeError(f"artifact for stage {spec.name} missing after build")
@@ -254,7 +259,7 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
         metrics = {k: v for k, v in art.metrics.items() if not k.startswith(TIMING_PREFIXES)}
         results["stages"][spec.name] = {"kind": spec.kind, "fingerprint": fp, "metrics": metrics}
         run_info["stages"][spec.name] = {"reused": reused, "seconds": round(time.time() - t0, 3),
-                                         "artifact": str(art.path),
+                                         "artifact": str(art.path), "headline": list(st.cls.headline),
                                          "timings": {k: v for k, v in art.metrics.items() if k.startswith(TIMING_PREFIXES)}}
         if not reused and art.manifest.get("resumed_from_step") is not None:  # continued a killed build
             run_info["stages"][spec.name]["resumed_from_step"] = art.manifest["resumed_from_step"]
@@ -265,11 +270,17 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
         if hook is not None:
             hook(spec.name, -1, dict(art.metrics))
 
+    _record_tracking(cfg, run_info, [done[n].path for n in new_stages])
     try:
         (run_dir / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True, allow_nan=False))
         (run_dir / "run.json").write_text(json.dumps(run_info, indent=2, sort_keys=True))
     except OSError as err:
         raise _write_error(err, run_dir) from None
+    if "tensorboard" in list(cfg.logger.backends):  # the run as one TensorBoard HParams session
+        from pipeline.tracking.hparams import HPARAMS_DIR, parse_overrides, run_metrics, write_hparams
+
+        write_hparams(run_dir / HPARAMS_DIR, parse_overrides(run_info["overrides"]),
+                      run_metrics(results, {st.name: st.cls.headline for st in stages}))
     if cfg.print_summary:
         from pipeline.evaluation import read_evaluation
         from pipeline.summary import print_summary
@@ -278,6 +289,17 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
         evaluations = {name: ev for name, art in done.items() if (ev := read_evaluation(art.path))}
         print_summary(results, run_info, run_dir, headline=headline, evaluations=evaluations)
     return results
+
+
+def _record_tracking(cfg: DictConfig, run_info: dict, built_artifacts: list[Path]) -> None:
+    """Offline W&B runs of the stages this run built: recorded in run.json with the command that
+    uploads them, and logged."""
+    from pipeline.tracking.wandb_runs import offline_runs, sync_command
+
+    runs = offline_runs(built_artifacts)
+    if runs:
+        run_info["wandb"] = {"offline_runs": [str(r) for r in runs], "sync": sync_command(runs)}
+        log.info("W&B runs saved offline (%d); upload them later with: %s", len(runs), sync_command(runs))
 
 
 def _write_error(err: OSError, path: Path) -> PipelineError:

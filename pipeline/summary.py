@@ -9,15 +9,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.evaluation import POLICY_METRICS
-
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _headline(metrics: dict, keys) -> list[str]:
-    """Metrics named in ``keys``; a key ending in ``/`` selects every metric under that prefix."""
+def headline_keys(metrics: dict, keys) -> list[str]:
+    """Metrics named in ``keys``; a key ending in ``/`` selects every metric under that prefix.
+    (Also read by the reports: this module imports nothing heavy at import time.)"""
     shown = []
     for key in keys:
         if key.endswith("/"):
@@ -29,6 +28,8 @@ def _headline(metrics: dict, keys) -> list[str]:
 
 def print_summary(results: dict, run_info: dict, run_dir: Path, *, headline: dict[str, tuple] | None = None,
                   evaluations: dict[str, dict] | None = None, console: Console | None = None) -> None:
+    from pipeline.evaluation import POLICY_METRICS
+
     # piped output (logs, CI) gets a wide table instead of rich's 80-column default
     console = console or (Console() if sys.stdout.isatty() else Console(width=160))
     table = Table(title=f"pipeline {results['pipeline']!r} (seed {results['seed']})")
@@ -36,7 +37,7 @@ def print_summary(results: dict, run_info: dict, run_dir: Path, *, headline: dic
         table.add_column(col)
     for name, st in results["stages"].items():
         metrics = st["metrics"]
-        shown = "  ".join(f"{k}={_fmt(metrics[k])}" for k in _headline(metrics, (headline or {}).get(name, ())))
+        shown = "  ".join(f"{k}={_fmt(metrics[k])}" for k in headline_keys(metrics, (headline or {}).get(name, ())))
         info = run_info["stages"][name]
         table.add_row(name, st["kind"], "yes" if info["reused"] else "no", f"{info['seconds']:.1f}", shown)
     console.print(table)

@@ -9,7 +9,7 @@ from typing import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 
 from pipeline.config import plain
 from pipeline.tracking import build_loggers
@@ -64,7 +64,10 @@ class RecordSteps(Callback):
 
 
 class FinishWandb(Callback):
-    """Finishes the W&B run when fit ends, so each training stage gets its own run.
+    """Finishes a W&B run the trainer's ``WandbLogger`` started itself when fit ends, so each
+    training stage gets its own run. (Under the runner the stage's run is opened and finished by
+    :func:`pipeline.tracking.wandb_runs.stage_run`, which adds the final metrics and tables: that
+    one is left open here.)
 
     Lightning's ``WandbLogger`` silently reuses a run that is still active, so without
     this the reward stage would log into the SFT stage's run (inside the SFT artifact,
@@ -75,9 +78,14 @@ class FinishWandb(Callback):
     def _finish(trainer, exit_code: int = 0) -> None:
         from lightning.pytorch.loggers import WandbLogger
 
+        from pipeline.tracking.wandb_runs import active_run
+
         for lg in trainer.loggers:
             if isinstance(lg, WandbLogger) and getattr(lg, "_experiment", None) is not None:
-                lg._experiment.finish(exit_code=exit_code)
+                # the runner's run is finished by the runner; a run a spawned DDP worker attached to
+                # (``_attach_id``) by the process that created it (finishing it here hangs that one)
+                if lg._experiment is not active_run() and getattr(lg, "_attach_id", None) is None:
+                    lg._experiment.finish(exit_code=exit_code)
                 lg._experiment = None
 
     def teardown(self, trainer, pl_module, stage):
@@ -106,6 +114,61 @@ def fit(trainer: L.Trainer, module, train_loader, val_loader=None) -> None:
         trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
 
 
+class StageProgress(Callback):
+    """A Rich progress bar for a training stage: optimizer steps done of the planned total, elapsed
+    time, ETA and the headline metric(s): what the module logs with ``prog_bar=True`` (losses,
+    validation accuracy) or, for the online stages, the held-out gold reward and the rollout
+    reward. Only on a terminal (:func:`build_trainer` adds it when stderr is a TTY)."""
+
+    #: shown when the module logs nothing with prog_bar=True (online RL logs its metrics itself)
+    FALLBACK = ("eval/gold_reward", "rollout/reward_mean", "train/loss")
+
+    def __init__(self, stage: str, console=None):
+        self.stage, self.console = stage, console
+        self.progress = self.task = None
+
+    def _text(self, trainer) -> str:
+        metrics = dict(trainer.progress_bar_metrics)
+        if not metrics:
+            metrics = {k: trainer.callback_metrics[k] for k in self.FALLBACK if k in trainer.callback_metrics}
+        return "  ".join(f"{k}={float(v):.4g}" for k, v in list(metrics.items())[:3])
+
+    def on_train_start(self, trainer, pl_module):
+        if not trainer.is_global_zero:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        total = trainer.estimated_stepping_batches
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[metrics]}"), console=self.console, transient=True)
+        self.progress.start()
+        self.task = self.progress.add_task(f"{self.stage}", total=None if total == float("inf") else int(total),
+                                           metrics="")
+
+    def _update(self, trainer) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=trainer.global_step, metrics=self._text(trainer))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._update(trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        self._update(trainer)
+
+    def _stop(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def on_train_end(self, trainer, pl_module):
+        self._stop()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._stop()
+
+
 def trained_steps(trainer) -> int:
     """Optimizer steps of the last fit (also under ddp_spawn, with :class:`RecordSteps`)."""
     v = trainer.callback_metrics.get("train/steps")
@@ -124,9 +187,9 @@ def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_
         torch.set_num_threads(int(tcfg.num_threads))
     cbs: list[Callback] = [resume.callback(work_dir)] if resume is not None else []
     cbs += list(callbacks or [])
-    show_bar = bool(tcfg.enable_progress_bar) and sys.stderr.isatty()
-    if show_bar:
-        cbs.append(RichProgressBar(leave=False))
+    if bool(tcfg.enable_progress_bar) and sys.stderr.isatty():  # quiet in logs and CI
+        cbs.append(StageProgress(stage))
+    cbs.append(LearningRateMonitor(logging_interval="step"))  # lr-<optimizer> in the metrics (and reports)
     if hook is not None and "spawn" in str(tcfg.strategy):
         # spawned workers would need to pickle the hook (often a closure); the driver
         # still calls it with each stage's final metrics
@@ -136,8 +199,10 @@ def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_
     if checkpoint:
         cbs.append(ModelCheckpoint(dirpath=str(work_dir / "checkpoints"), save_last=True, save_top_k=0))
     cbs.append(FinishWandb())
+    from pipeline.tracking.wandb_runs import default_group
+
     loggers = build_loggers(cfg.logger, save_dir=work_dir, stage=stage, run_name=str(cfg.run_name),
-                            group=cfg.logger.wandb.group or Path(str(cfg.paths.output_dir)).name, config=plain(cfg))
+                            group=cfg.logger.wandb.group or default_group(cfg), config=plain(cfg))
     return L.Trainer(
         accelerator=tcfg.accelerator,
         devices=tcfg.devices,
@@ -152,7 +217,7 @@ def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_
         deterministic=tcfg.deterministic,
         logger=loggers,
         callbacks=cbs,
-        enable_progress_bar=show_bar,
+        enable_progress_bar=False,  # StageProgress instead of Lightning's bar
         enable_checkpointing=checkpoint,
         enable_model_summary=False,
         default_root_dir=str(work_dir),

@@ -1,1 +1,6 @@
-from pipeline.tracking.loggers import build_loggers, resolve_wandb_mode, scrub_secrets  # noqa: F401
+from pipeline.tracking.loggers import (  # noqa: F401
+    build_loggers,
+    has_wandb_credentials,
+    resolve_wandb_mode,
+    scrub_secrets,
+)

@@ -40,7 +40,8 @@ def scrub_secrets(obj: Any) -> Any:
     return obj
 
 
-def _has_wandb_credentials() -> bool:
+def has_wandb_credentials() -> bool:
+    """``WANDB_API_KEY`` or a netrc entry for the W&B server (what ``wandb login`` writes)."""
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
@@ -56,7 +57,7 @@ def resolve_wandb_mode(configured: str | None) -> str:
         return configured
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    return "online" if _has_wandb_credentials() else "offline"
+    return "online" if has_wandb_credentials() else "offline"
 
 
 def build_loggers(logger_cfg, *, save_dir: Path, stage: str, run_name: str, group: str,
@@ -74,14 +75,18 @@ def build_loggers(logger_cfg, *, save_dir: Path, stage: str, run_name: str, grou
     if "wandb" in backends:
         from lightning.pytorch.loggers import WandbLogger
 
+        from pipeline.tracking.wandb_runs import active_run, check_mode
+
         wcfg = logger_cfg.wandb
         mode = resolve_wandb_mode(wcfg.mode)
+        check_mode(mode)
         os.environ.setdefault("WANDB_SILENT", "true")
+        # under the runner the stage's run exists already (pipeline.tracking.wandb_runs.stage_run): log into it
         loggers.append(
             WandbLogger(
                 project=wcfg.project, entity=wcfg.entity, name=f"{run_name}/{stage}", group=group,
                 job_type=stage, tags=list(wcfg.tags), mode=mode, save_dir=str(save_dir),
-                config=scrub_secrets(config or {}),
+                config=scrub_secrets(config or {}), experiment=active_run(),
             )
         )
     return loggers
