@@ -131,8 +131,10 @@ def attention_impl(model: Any) -> str:
 
 
 def accepts_packed(model: Any) -> bool:
-    """Can ``model`` run a packed batch: an attention that takes a [rows, 1, W, W] mask, and position ids?"""
-    if attention_impl(model).startswith(_UNMASKABLE):
+    """Can ``model`` run a packed batch? A Hugging Face model (or the PPO critic around one) whose
+    attention takes a [rows, 1, W, W] mask (eager, sdpa) and whose forward takes position ids.
+    Anything else (custom modules, flash / paged attention) gets the padded batch."""
+    if _config(model) is None or attention_impl(model).startswith(_UNMASKABLE):
         return False
     try:
         params = inspect.signature(model.forward).parameters
