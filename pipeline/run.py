@@ -169,6 +169,8 @@ def _inputs(spec, done: dict[str, Any]) -> dict:
 
 #: metric prefixes that measure the machine, not the result: kept in run.json, not results.json
 TIMING_PREFIXES = ("perf/",)
+#: metrics logged along training that are not results (Lightning's LearningRateMonitor: ``lr-AdamW``...)
+CURVE_ONLY = ("lr-",)
 
 
 def run_pipeline(cfg: DictConfig, hook=None, *, rebuild=()) -> dict:
@@ -239,7 +241,8 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
                                 "overrides": [str(o) for o in (spec.get("overrides") or [])]}
                     with store.build(spec.kind, fp, manifest) as (work, record), \
                             stage_run(st.cfg, spec.name, spec.kind, work) as tracked:  # W&B: one run per stage
-                        record["metrics"] = stage.run(work)
+                        # learning rates are a curve (metrics.csv, reports), not a result of the stage
+                        record["metrics"] = {k: v for k, v in stage.run(work).items() if not k.startswith(CURVE_ONLY)}
                         record.update(stage.record)
                         if resume.resumed_from is not None:
                             record["resumed_from_step"] = resume.resumed_from
