@@ -119,11 +119,13 @@ def run_one(root: Path, setting: str, method: str, seed: int, args) -> dict:
     return doc
 
 
-def _stat(xs: list[float]) -> str:
+def _stat(xs: list[float], digits: int = 3) -> str:
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
-    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
 def table(results: list[dict]) -> str:
@@ -133,7 +135,7 @@ def table(results: list[dict]) -> str:
     for setting, method in keys:
         rs = [r for r in results if r["setting"] == setting and r["method"] == method]
         lines.append(f"| {setting} | {method} | {_stat([r['best_gold'] for r in rs])} | "
-                     f"{_stat([r['kl_at_best'] for r in rs])} | {_stat([r['wall_s'] for r in rs])} | "
+                     f"{_stat([r['kl_at_best'] for r in rs])} | {_stat([r['wall_s'] for r in rs], 1)} | "
                      f"{len(rs)} | {rs[0]['rollout_steps']} |")
     return "\n".join(lines)
 

@@ -172,8 +172,10 @@ class ResumeCallback(Callback):
             lg.save()
         self.state.dir.mkdir(parents=True, exist_ok=True)
         name = f"step-{step}.ckpt"
-        trainer.save_checkpoint(self.state.dir / name, weights_only=False)  # the full training state
+        partial = self.state.dir / f".{name}.partial"  # a new file, renamed: an existing one (perhaps a
+        trainer.save_checkpoint(partial, weights_only=False)  # hard link elsewhere) is never rewritten
         if trainer.is_global_zero:
+            os.replace(partial, self.state.dir / name)
             self.state.commit(step, name, self.work_dir)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):

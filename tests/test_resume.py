@@ -124,6 +124,30 @@ def test_online_rl_killed_mid_stage_resumes_bit_identically(roots):
     assert info["resumed_from_step"] % 5 == 0
 
 
+def test_resumable_loader_continues_mid_epoch_and_across_epochs():
+    """The loader's saved position replays the rest of the epoch and the next epochs exactly, also
+    when the checkpoint closed an epoch."""
+    from pipeline.data import ResumableLoader, seeded_generator
+
+    def loader():
+        return ResumableLoader(list(range(50)), batch_size=8, shuffle=True, generator=seeded_generator(3),
+                               collate_fn=list)
+
+    full = loader_epochs(loader(), 3)  # 3 epochs of 7 batches
+    for trained in (3, 7):  # mid-epoch; the epoch's last batch
+        first = loader()
+        it = iter(first)
+        seen = [next(it) for _ in range(trained)]
+        first.mark_trained(trained)
+        again = loader()
+        again.load_state_dict(first.state_dict())
+        assert (seen + loader_epochs(again, 3))[:len(full)] == full
+
+
+def loader_epochs(loader, epochs: int) -> list:
+    return [b for _ in range(epochs) for b in loader]
+
+
 # ----------------------------------------------------------------------------- in-process stops
 class _Stop(Exception):
     pass
