@@ -390,3 +390,11 @@ def test_importances_of_an_objective_that_never_varied_are_explained_not_drawn()
     imps = importances(data, why)
     assert list(imps) == ["rising"] and imps["rising"] == {"x": pytest.approx(1.0)}
     assert why == ["flat is the same in every complete trial: no parameter explains any of it"]
+
+
+def test_any_directory_of_runs_is_reported_like_a_multirun(study_dir):
+    """A tuner trial's seed runs (or a day of outputs/runs) compare like the jobs of a multirun."""
+    trial = study_dir / "trials" / "0000"
+    assert kind_of(trial) == "multirun"
+    html = _html(make_report(trial))
+    assert re.search(r"<td class='l'>seed-0</td>", html) and "Objectives against swept parameters" in html

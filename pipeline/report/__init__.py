@@ -30,11 +30,11 @@ def kind_of(path: Path) -> str | None:
     path = Path(path)
     if any((path / f).exists() for f in ("summary.json", "trials.csv", "storage.journal")):
         return "study"
-    if (path / "multirun.yaml").exists() or any(
-            d.is_dir() and d.name.isdigit() and is_run_dir(d) for d in _children(path)):
-        return "multirun"
     if is_run_dir(path):
         return "run"
+    # a Hydra multirun (jobs 0, 1, ...), or any directory of runs: a day of outputs/runs, a trial's seeds
+    if (path / "multirun.yaml").exists() or any(d.is_dir() and is_run_dir(d) for d in _children(path)):
+        return "multirun"
     return None
 
 

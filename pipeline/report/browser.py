@@ -41,7 +41,10 @@ PROBE = r"""
       ctx.drawImage(img, 0, 0, 64, 64);
       const d = ctx.getImageData(0, 0, 64, 64).data;
       const seen = new Set();
-      for (let i = 0; i < d.length; i += 4) { seen.add((d[i] >> 3) + ',' + (d[i+1] >> 3) + ',' + (d[i+2] >> 3)); if (seen.size > 50) break; }
+      for (let i = 0; i < d.length; i += 4) {
+        seen.add((d[i] >> 3) + ',' + (d[i+1] >> 3) + ',' + (d[i+2] >> 3));
+        if (seen.size > 50) break;
+      }
       r.colours = seen.size;
     } catch (e) { r.error = String(e); }
     out.push(r);

@@ -1,6 +1,6 @@
-"""The report of a Hydra multirun (``python -m pipeline -m ...``: ``outputs/multirun/<date>/<time>/<job>/``):
-one row per job (its swept overrides, headline metrics, which stages came from the cache) and
-each objective against each swept parameter."""
+"""The report of a Hydra multirun (``python -m pipeline -m ...``: ``outputs/multirun/<date>/<time>/<job>/``)
+or of any directory of runs: one row per job (its swept overrides, headline metrics, which stages came
+from the cache) and each objective against each swept parameter."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +34,11 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def jobs(multirun_dir: Path) -> list[tuple[str, RunData]]:
-    dirs = [d for d in Path(multirun_dir).iterdir() if d.is_dir() and d.name.isdigit() and is_run_dir(d)]
-    return [(d.name, load_run(d)) for d in sorted(dirs, key=lambda d: int(d.name))]
+    """The run directories in ``multirun_dir`` (Hydra's jobs ``0``, ``1``... in number order, or any
+    runs: a day of ``outputs/runs``, a tuner trial's ``seed-<s>`` runs)."""
+    dirs = [d for d in Path(multirun_dir).iterdir() if d.is_dir() and not d.name.startswith(".") and is_run_dir(d)]
+    order = sorted(dirs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
+    return [(d.name, load_run(d)) for d in order]
 
 
 def swept(params: list[dict]) -> list[str]:
@@ -76,7 +79,7 @@ def build(multirun_dir: Path) -> Page:
     runs = jobs(multirun_dir)
     page.section("Jobs")
     if not runs:
-        page.note("no job directories (<number>/ with config.yaml or results.json) in this multirun")
+        page.note("no run directories (with config.yaml, results.json or run.json) in this directory")
         return page
     params = [parse_overrides(r.overrides) for _, r in runs]
     keys = swept(params)

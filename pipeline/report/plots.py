@@ -65,6 +65,10 @@ def _style(ax, title: str = "", xlabel: str = "", ylabel: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------- runs
+def _base(key: str) -> str:
+    return re.sub(r"^(train|val|eval|rollout)/", "", key)
+
+
 def training_curves(series: dict[str, list[tuple[float, float]]], title: str) -> tuple[Figure | None, list[str]]:
     """One panel per kind of metric (loss, reward, KL, entropy, length, learning rate...), one
     line per metric (validation metrics dashed with markers). Returns (figure, metrics not drawn)."""
@@ -82,12 +86,14 @@ def training_curves(series: dict[str, list[tuple[float, float]]], title: str) ->
     fig, axes = _grid(len(order))
     fig.suptitle(title, fontsize=11)
     for ax, p in zip(axes, order):
-        for i, key in enumerate(panels[p]):
+        # train/x, val/x (and rollout/x, eval/x) share a colour: solid while training, dashed when held out
+        bases = list(dict.fromkeys(_base(k) for k in panels[p]))
+        for key in panels[p]:
             pts = series[key]
             xs, ys = [x for x, _ in pts], [y for _, y in pts]
             val = key.startswith(("val/", "eval/"))
-            ax.plot(xs, ys, color=color(i), lw=1.2, ls="--" if val else "-", marker="o" if val or len(pts) < 3 else None,
-                    ms=3, label=key)
+            ax.plot(xs, ys, color=color(bases.index(_base(key))), lw=1.2, ls="--" if val else "-",
+                    marker="o" if val or len(pts) < 3 else None, ms=3, label=key)
         if p == "learning rate":
             ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
         _style(ax, p, "step")
@@ -117,10 +123,12 @@ def overoptimisation(curves: dict[str, list[dict]], final: dict[str, dict] | Non
                 ax.annotate(f"{p.get('step', '')}", (x, y), fontsize=7, color=color(i), xytext=(3, 3),
                             textcoords="offset points")
         if key == "eval/gold_reward" and final:
-            for j, (name, m) in enumerate(final.items()):
-                if "kl" in m and "gold_reward" in m:
+            stages = list(curves)
+            for name, m in final.items():
+                if "kl" in m and "gold_reward" in m:  # a policy trained here in its stage's colour
+                    c = color(stages.index(name)) if name in stages else "black"
                     ax.errorbar([m["kl"]], [m["gold_reward"]], yerr=[m.get("gold_reward_ci95", 0.0)], fmt="*", ms=10,
-                                color="black", alpha=0.75, capsize=2)
+                                color=c, alpha=0.75, capsize=2)
                     ax.annotate(name, (m["kl"], m["gold_reward"]), fontsize=7, xytext=(4, -9), textcoords="offset points")
         if key == "eval/win_rate":
             ax.axhline(0.5, color="gray", lw=0.8, ls=":")
@@ -137,7 +145,7 @@ POLICY_PANELS = (("gold_reward", "gold reward (± 95% CI)", "gold_reward_ci95"),
                  ("exploitability", "exploitability", None), ("regularized_exploitability", "β-exploitability", None))
 
 
-def policy_comparison(policies: dict[str, dict]) -> Figure | None:
+def policy_comparison(policies: dict[str, dict], reference: str | None = None) -> Figure | None:
     panels = [p for p in POLICY_PANELS if any(isinstance(m.get(p[0]), (int, float)) for m in policies.values())]
     if not panels or not policies:
         return None
@@ -150,7 +158,8 @@ def policy_comparison(policies: dict[str, dict]) -> Figure | None:
         ax.bar(range(len(names)), ys, yerr=err, capsize=3, color=[color(i) for i in range(len(names))], alpha=0.85)
         for i, v in enumerate(vals):
             if not isinstance(v, (int, float)) or not math.isfinite(v):
-                ax.annotate("n/a", (i, 0), ha="center", fontsize=7, color="gray")
+                ax.annotate("reference" if names[i] == reference else "n/a", (i, 0), ha="center", fontsize=7,
+                            color="gray")
         if key in ("win_rate",):
             ax.axhline(0.5, color="gray", lw=0.8, ls=":")
         ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3

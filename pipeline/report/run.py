@@ -128,7 +128,7 @@ def policies_section(page: Page, evals: dict[str, dict]) -> None:
                  if any(k in m for m in policies.values())]
         page.table(["policy"] + cols + extra, [[n] + [m.get(k) for k in cols + extra] for n, m in policies.items()])
         with page.guard(f"the policy comparison of {stage}"):
-            fig = plots.policy_comparison(policies)
+            fig = plots.policy_comparison(policies, ref)
             if fig is not None:
                 page.figure(fig, f"policies-{stage}", "Policies side by side (error bars: 95% confidence intervals).")
         titles = {"gold_preference": "win rate of row over column, gold preference (± 95% CI)",

@@ -180,7 +180,8 @@ def stage_tables(work_dir: Path | None) -> dict:
     if isinstance(ev, dict):
         policies = ev.get("policies") or {}
         if policies:
-            rows = [{"policy": n, **{k: v for k, v in m.items() if isinstance(v, (int, float))}} for n, m in policies.items()]
+            rows = [{"policy": n, **{k: v for k, v in m.items() if isinstance(v, (int, float))}}
+                    for n, m in policies.items()]
             out["policies"] = _table(rows)
         examples = _jsonl(work_dir / "examples.jsonl") or ev.get("examples") or []
         if examples:
