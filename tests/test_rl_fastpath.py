@@ -68,8 +68,9 @@ def grads(model) -> dict[str, torch.Tensor]:
 
 def assert_same_grads(a: dict, b: dict):
     assert a.keys() == b.keys() and a
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=name)
+    for name in a:  # float32 rounding, relative to the gradient's scale
+        scale = max(1.0, float(b[name].abs().max()))
+        torch.testing.assert_close(a[name], b[name], atol=1e-5 * scale, rtol=1e-4, msg=name)
 
 
 def test_packed_layout_computes_each_prompt_once(rollout):
@@ -206,7 +207,7 @@ def test_long_groups_are_split_over_trees():
                             generator=torch.Generator().manual_seed(1))
     ids, attn, start = batch.input_ids, batch.attention_mask, batch.response_start
     layout = layout_responses(ids, attn, start, width=30)
-    assert layout.input_ids.shape[1] == 30 and layout.input_ids.shape[0] > 2
+    assert layout.input_ids.shape[1] <= 30 and layout.input_ids.shape[0] > 2  # > 1 tree per prompt
     with torch.no_grad():
         want, _ = naive_logprobs(model, ids, attn, start)
         got = sequence_logprobs(model, ids, attn, start, layout=layout)

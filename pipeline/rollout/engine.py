@@ -298,7 +298,8 @@ def _call(model: Any, logits_to_keep: int | None = None, **kwargs: Any) -> Any:
     return model(**kwargs)
 
 
-#: packed rows are at least this many tokens wide: a prompt and several of its responses share one
+#: a tree (a prompt and the responses that share it) grows up to this many tokens (or the longest
+#: sequence), then the prompt's remaining responses start another: attention costs O(width^2)
 PACK_WIDTH = 128
 
 
@@ -308,9 +309,10 @@ class ResponseLayout:
     responses, as :class:`RolloutBatch` gives them) laid out for one forward pass.
 
     **Packed** (when the model takes a packed batch, :func:`pipeline.models.packing.accepts_packed`):
-    each distinct prompt once, its responses as branches of a tree (:func:`pack_trees`), rows
-    of ``max(PACK_WIDTH, longest sequence)`` tokens with almost no padding; a GRPO batch of 4
-    responses per prompt computes each prompt once instead of 4 times. **Padded**: the batch
+    each distinct prompt once, its responses as branches of a tree (:func:`pack_trees`; a tree
+    holds at most ``max(PACK_WIDTH, longest sequence)`` tokens), trees packed first-fit into
+    rows as wide as the largest tree, with little padding; a GRPO batch of 4 responses per
+    prompt computes each prompt once instead of 4 times. **Padded**: the batch
     itself, with the columns that are padding in every row cut off. Either way ``src_row`` /
     ``src_col`` are the positions whose outputs predict the response tokens ``targets``, and
     ``dest`` their flat index in the ``[N, R]`` response grid. Build it once per batch with
@@ -400,7 +402,7 @@ def layout_responses(
                 size += rlen[i]
             trees.append((prompt, [ids[j][response_start:response_start + rlen[j]] for j in cur]))
             members.append(cur)
-        packed = pack_trees(trees, 0, width)
+        packed = pack_trees(trees, 0)  # rows as wide as the largest tree
         first = torch.tensor([0] + [len(m) for m in members[:-1]]).cumsum(0)
         row_of = torch.tensor([i for m in members for i in m], dtype=torch.long)
         rows_t = row_of[first[packed["tree"]] + packed["branch"]]
