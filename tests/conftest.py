@@ -50,8 +50,9 @@ def cli_env(root: Path, **extra: str) -> dict:
     """The environment of a pipeline subprocess: outputs under ``root``, offline, and this
     repository importable (the ``tests`` package holds reward functions the configs name)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return dict(os.environ, PIPELINE_ROOT=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=path,
-                **extra)
+    env = dict(os.environ, PIPELINE_ROOT=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=path)
+    env.update(extra)
+    return env
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

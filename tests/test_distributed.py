@@ -21,6 +21,7 @@ FAST = [
 # rerun keeps the first failure's output in the report for diagnosis.
 @pytest.mark.flaky(reruns=1)
 @pytest.mark.timeout(540)
+@pytest.mark.slow  # > 20 s: in the slow suite (make test-slow, CI)
 def test_ddp_spawn_two_cpu_processes_publish_one_artifact_per_stage(tmp_path):
     proc = run_cli(["trainer=ddp"] + FAST, tmp_path, timeout=520)
     out = proc.stdout + proc.stderr

@@ -115,6 +115,7 @@ def test_label_noise_degrades_reward_model(workdir):
     assert acc[0.4] < acc[0.0] - 0.05
 
 
+@pytest.mark.slow  # > 20 s: in the slow suite (make test-slow, CI)
 def test_killed_during_reward_stage_resumes_with_identical_results(first_run, tmp_path):
     """SIGKILL while the RM trains; rerun completes and matches an uninterrupted run."""
     args = TINY + ["pipeline=rm_eval", "eval.include_base=true", "reward.max_epochs=3"]

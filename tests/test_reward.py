@@ -38,6 +38,7 @@ def test_ensemble_aggregations():
         aggregate(s, "median")
 
 
+@pytest.mark.slow  # > 20 s: in the slow suite (make test-slow, CI)
 def test_three_member_ensemble_trains_distinct_members(tmp_path):
     from pipeline.artifacts import Artifact
     from pipeline.models.reward import RewardScorer

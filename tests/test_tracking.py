@@ -301,6 +301,7 @@ def test_stage_progress_bar_on_a_terminal_only(tmp_path, monkeypatch):
     assert "sft" in text and "ETA" in text and "train/loss=" in text and "/6" in text
 
 
+@pytest.mark.slow  # > 20 s: in the slow suite (make test-slow, CI)
 def test_wandb_stage_run_with_ddp_spawn_workers(tmp_path):
     """The runner opens the stage's run in the driver; spawned DDP workers attach to it and log the training
     history; the driver adds the final metrics and finishes it (a worker finishing it would hang the driver)."""
