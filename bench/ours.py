@@ -31,6 +31,43 @@ MATCH = {
 }
 
 
+def compose_cfg(algo: str, inputs: dict, *, steps: int, threads: int, lr: float = 3e-4, seed: int = 0,
+                extra=()) -> tuple:
+    """(config, overrides) of our ``rl`` stage with the TRL side's settings, on the exported SFT model."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config.schema import register_configs
+    from pipeline.run import CONF_DIR
+
+    root = Path(inputs["sft_model_dir"]).parents[3]  # <root>/outputs/artifacts/sft-*/model
+    overrides = [
+        f"paths.root_dir={root}", f"paths.output_dir={root}/outputs/runs/bench-ours-{algo}",
+        "pipeline=rl_gold", "rl.reward_source=gold", f"rl.total_steps={steps}",
+        f"rl.optim.lr={lr}", "rl.eval_every=0", "rl.log_completions_every=0",
+        "algorithm.temperature=1.0", "algorithm.max_new_tokens=24", f"trainer.num_threads={threads}",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "print_summary=false",
+        f"seed={seed}", *MATCH[algo], *extra,
+    ]
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    return cfg, overrides
+
+
+def run_stage(cfg, inputs: dict, hook) -> None:
+    """Our ``rl`` stage's own ``run()`` on the exported SFT artifact (a fresh work dir, nothing cached)."""
+    from pipeline.artifacts import Artifact
+    from pipeline.run import _setup_env
+    from pipeline.stages.rl import RLStage
+
+    _setup_env()
+    sft = Artifact.load(Path(inputs["sft_model_dir"]).parent)
+    spec = next(s for s in cfg.pipeline.stages if s.kind == "rl")
+    work = Path(cfg.paths.output_dir) / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    RLStage(cfg, spec, {"policy": sft}, hook=hook).run(work)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algo", choices=sorted(MATCH), required=True)
@@ -46,27 +83,10 @@ def main(argv=None) -> None:
     import torch
     torch.set_num_threads(args.threads)
     inputs = json.loads(Path(args.inputs).read_text())
-    root = Path(inputs["sft_model_dir"]).parents[3]  # <root>/outputs/artifacts/sft-*/model
+    cfg, overrides = compose_cfg(args.algo, inputs, steps=args.steps, threads=args.threads, lr=args.lr,
+                                 seed=args.seed, extra=args.overrides)
 
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.artifacts import Artifact
-    from pipeline.config.schema import register_configs
     from pipeline.modules.rl import OnlineRLModule
-    from pipeline.run import CONF_DIR, _setup_env
-    from pipeline.stages.rl import RLStage
-
-    overrides = [
-        f"paths.root_dir={root}", f"paths.output_dir={root}/outputs/runs/bench-ours-{args.algo}",
-        "pipeline=rl_gold", "rl.reward_source=gold", f"rl.total_steps={args.steps}",
-        f"rl.optim.lr={args.lr}", "rl.eval_every=0", "rl.log_completions_every=0",
-        "algorithm.temperature=1.0", "algorithm.max_new_tokens=24", f"trainer.num_threads={args.threads}",
-        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "print_summary=false",
-        f"seed={args.seed}", *MATCH[args.algo], *args.overrides,
-    ]
-    register_configs()
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
 
     log = common.StepLog()
     rss_before: dict = {}
@@ -85,12 +105,7 @@ def main(argv=None) -> None:
                      kl=metrics.get("policy/kl"), gen_s=metrics.get("perf/gen_time_s"),
                      update_s=metrics.get("perf/update_time_s"))
 
-    _setup_env()
-    sft = Artifact.load(Path(inputs["sft_model_dir"]).parent)
-    spec = next(s for s in cfg.pipeline.stages if s.kind == "rl")
-    work = Path(cfg.paths.output_dir) / "work"
-    work.mkdir(parents=True, exist_ok=True)
-    RLStage(cfg, spec, {"policy": sft}, hook=hook).run(work)
+    run_stage(cfg, inputs, hook)
     summary = common.summarize(log.rows, target=inputs["target_gold"], rss_before_train_mb=rss_before.get("mb"),
                                side="ours", algo=args.algo, reward="gold", threads=args.threads,
                                sft_gold=inputs["sft_gold_mean"])

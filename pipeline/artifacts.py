@@ -16,6 +16,9 @@ Safety, for a cache shared by many processes, containers and hosts:
   them (``verify="hash"``, or sizes only with ``verify="size"``) and treats a truncated,
   edited or missing file as no artifact (rebuilt, with a warning naming the file).
 - **No bad publishes.** A stage whose final metrics are not finite fails instead of publishing.
+- **Resumable builds.** A training stage checkpoints into ``.tmp/<kind>-<fp>.resume/``
+  (:mod:`pipeline.resume`), which outlives a killed builder (``clean_tmp`` keeps it) and is
+  removed when the artifact is published; a rerun of the same stage continues from it.
 - **One builder per stage.** A per-fingerprint lock, whose holder (host, pid, since) is
   reported while another process waits; ``lock_timeout_s`` bounds the wait. Lookups of
   complete artifacts take no lock, so a fully cached run works on a read-only cache.
@@ -48,6 +51,8 @@ MANIFEST = "manifest.json"
 #: bump when the meaning of a stage's outputs changes, to invalidate old caches
 CACHE_VERSION = 3
 VERIFY_MODES = ("hash", "size", "none")
+#: ``.tmp/<kind>-<fp>.resume/``: a stage's mid-stage checkpoints (see :meth:`ArtifactStore.resume_path`)
+RESUME_SUFFIX = ".resume"
 
 
 def canonical_json(obj: Any) -> str:
@@ -82,6 +87,26 @@ def runtime_info() -> dict:
     import torch
 
     return {"torch_threads": torch.get_num_threads(), "host": socket.gethostname(), "pid": os.getpid()}
+
+
+#: local data files up to this size are fingerprinted by content, larger ones by size + mtime
+_DATA_HASH_LIMIT = 256 * 2 ** 20
+
+
+def data_digest(path: str) -> str | None:
+    """What a stage's output depends on of a local data file or directory: its content (SHA-256;
+    size and modification time for files over 256 MiB), so editing a file is a new fingerprint.
+    None for a Hub dataset name (identified by its name, config and split)."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        return None
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        st = p.stat()
+        h.update(p.relative_to(root).as_posix().encode() if p != root else b".")
+        h.update(_sha256(p).encode() if st.st_size <= _DATA_HASH_LIMIT else f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
 
 
 def _sha256(path: Path) -> str:
@@ -186,6 +211,12 @@ class ArtifactStore:
     def path_for(self, kind: str, fp: str) -> Path:
         return self.root / f"{kind}-{fp}"
 
+    def resume_path(self, kind: str, fp: str) -> Path:
+        """Where a stage keeps its mid-stage checkpoints (:mod:`pipeline.resume`) until it publishes:
+        keyed by the fingerprint, so a rerun of the killed stage finds them; left alone by
+        :meth:`clean_tmp`; removed when the artifact is published."""
+        return self.root / ".tmp" / f"{kind}-{fp}{RESUME_SUFFIX}"
+
     def lookup(self, kind: str, fp: str) -> Artifact | None:
         """The verified artifact, or None (absent, incomplete, or its files do not match)."""
         art = Artifact.load(self.path_for(kind, fp))
@@ -273,6 +304,7 @@ class ArtifactStore:
                                         fix="lower the learning rate, check the inputs, or rerun with force_stages")
                 if _rank() == 0:
                     self._publish(work, final, manifest, record, fp, kind, start)
+                    shutil.rmtree(self.resume_path(kind, fp), ignore_errors=True)
             except OSError as err:
                 raise _fs_error(err, self.root) from None
         finally:
@@ -327,7 +359,7 @@ class ArtifactStore:
         if not tmp_root.is_dir():
             return
         for d in tmp_root.iterdir():
-            if not d.is_dir():
+            if not d.is_dir() or d.name.endswith(RESUME_SUFFIX):  # a killed stage's checkpoints: kept
                 continue
             lock = tmp_root / f"{d.name}.lock"
             try:

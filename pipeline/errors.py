@@ -43,6 +43,11 @@ class TrainingError(PipelineError):
     """Training diverged (NaN/inf loss) or could not proceed."""
 
 
+class StopRun(Exception):
+    """Raised by a run's hook to end the run early on purpose (a population-based training segment
+    ends): the runner logs it as information, not as a failure; nothing unfinished is published."""
+
+
 class Interrupted(BaseException):
     """The run was stopped by a signal (SIGTERM, SIGINT / Ctrl-C).
 

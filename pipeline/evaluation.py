@@ -16,7 +16,12 @@ The ``evaluate`` stage and the online stages' periodic held-out curves call
                    "class_game": {..}},          # exact from the class distributions
      "reward_models": {"rm": {"accuracy": .., "by_subset": {..}, "pairs": ..}},
      "preference_models": {"pm": {"accuracy": .., "by_subset": {..}, "ece": .., "gold_mae": .., "pairs": ..}},
-     "examples": [{"policy", "index", "prompt", "completion", "gold_reward", "proxy_reward"}, ...]}
+     "examples": [{"policy", "index", "prompt", "completion", "gold_reward", "proxy_reward"}, ...],
+     "data": {"prompts": "<where the prompts come from>", "pairs": "<where the labelled pairs come from>"}}
+
+Gold metrics (``gold_reward``, gold win rates, exploitability) exist only on the built-in
+tasks' prompts; on a user's prompts the policies are scored by the reward model
+(``proxy_reward``), the preference model (win rates) and ``eval.reward_fn`` (``user_reward``).
 
 which the summary table and the reports read; :func:`flat_metrics` gives the same numbers
 as ``eval/<policy>/<metric>`` keys (what sweeps optimise; the last policy's also as
@@ -42,8 +47,10 @@ from pipeline.data.records import PreferenceExample
 from pipeline.rollout.engine import HFRolloutEngine, RolloutBatch, SamplingParams, reference_logprobs, sequence_logprobs
 
 EVALUATION_FILE = "evaluation.json"
+#: held-out user data a training stage publishes with its artifact (what evaluation reads)
+HELDOUT_FILE = "heldout.json"
 #: per-policy metrics, in the order tables show them
-POLICY_METRICS = ("gold_reward", "proxy_reward", "kl", "win_rate", "exploitability", "regularized_exploitability",
+POLICY_METRICS = ("gold_reward", "user_reward", "proxy_reward", "kl", "win_rate", "exploitability", "regularized_exploitability",
                   "response_length", "eos_rate")
 
 GoldFn = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
@@ -107,10 +114,12 @@ def _mean_std_ci(x: torch.Tensor) -> tuple[float, float, float]:
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, prompts: Sequence[str], settings: SamplingSettings, *, seed: int,
                     gold: GoldFn | None = None, proxy=None, reference: Any = False,
-                    kl_temperature: float | None = None) -> PolicyResult:
+                    kl_temperature: float | None = None, user: GoldFn | None = None,
+                    max_prompt_length: int | None = None) -> PolicyResult:
     """Sample ``model`` on ``prompts`` and score it.
 
-    ``gold``: the task's gold reward ``fn(prompts, completions)``; ``proxy``: a reward scorer
+    ``gold``: the task's gold reward ``fn(prompts, completions)`` (``user``: a user's reward
+    function, the same way, as ``user_reward``); ``proxy``: a reward scorer
     (``.score(prompts, completions) -> Tensor``); ``reference``: a reference model for the KL,
     ``None`` for the adapters-off fallback (LoRA), ``False`` for no KL. Metrics: ``gold_reward``
     (+ ``_std``, ``_ci95`` half-width), ``proxy_reward``, ``kl``, ``response_length``, ``eos_rate``.
@@ -118,14 +127,17 @@ def evaluate_policy(model, tokenizer, prompts: Sequence[str], settings: Sampling
     was_training = model.training
     model.eval()
     try:
-        batches = sample_policy(model, tokenizer, prompts, settings, seed)
+        batches = sample_policy(model, tokenizer, prompts, settings, seed, max_prompt_length)
         all_prompts = [p for b in batches for p in b.prompts]
         completions = [c for b in batches for c in b.completions]
         m: dict[str, float] = {"num_samples": len(completions)}
-        gold_t = proxy_t = None
+        gold_t = proxy_t = user_t = None
         if gold is not None:
             gold_t = torch.tensor(list(gold(all_prompts, completions)), dtype=torch.float64)
             m["gold_reward"], m["gold_reward_std"], m["gold_reward_ci95"] = _mean_std_ci(gold_t)
+        if user is not None:
+            user_t = torch.as_tensor(user(all_prompts, completions), dtype=torch.float64)
+            m["user_reward"], m["user_reward_std"], m["user_reward_ci95"] = _mean_std_ci(user_t)
         if proxy is not None:
             proxy_t = proxy.score(all_prompts, completions)
             m["proxy_reward"] = float(proxy_t.double().mean())
@@ -142,6 +154,8 @@ def evaluate_policy(model, tokenizer, prompts: Sequence[str], settings: Sampling
         row = {"index": i, "prompt": p, "completion": c}
         if gold_t is not None:
             row["gold_reward"] = float(gold_t[i])
+        if user_t is not None:
+            row["user_reward"] = float(user_t[i])
         if proxy_t is not None:
             row["proxy_reward"] = float(proxy_t[i])
         samples.append(row)
@@ -332,6 +346,41 @@ def flat_metrics(result: dict) -> dict[str, float]:
         out["eval/pm_ece"] = pm["ece"]
         out.update({f"eval/pm_accuracy/{s}": v for s, v in pm["by_subset"].items()})
     return out
+
+
+def write_heldout(work_dir: Path, *, source: str, prompts: Sequence[dict] = (),
+                  pairs: Sequence[PreferenceExample] = ()) -> None:
+    """Publish the held-out part of a user's data with a training stage's artifact (``heldout.json``):
+    prompt rows (all their columns: user reward functions read them) and/or preference pairs, and
+    ``source``, a description of where they come from (file and fraction), shown with every number
+    computed on them."""
+    rows = [{k: v for k, v in r.items()} for r in prompts]
+    pair_rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected, "margin": p.margin,
+                  "subset": p.subset} for p in pairs]
+    (Path(work_dir) / HELDOUT_FILE).write_text(json.dumps({"source": source, "prompts": rows, "pairs": pair_rows},
+                                                          default=str))
+
+
+@dataclass
+class HeldOut:
+    source: str
+    prompts: list[dict]
+    pairs: list[PreferenceExample]
+
+
+def read_heldout(artifact_dir: Path) -> HeldOut | None:
+    """What :func:`write_heldout` published with an artifact (None: the stage trained on built-in data)."""
+    path = Path(artifact_dir) / HELDOUT_FILE
+    if not path.is_file():
+        return None
+    d = json.loads(path.read_text())
+    pairs = [PreferenceExample(r["prompt"], r["chosen"], r["rejected"], margin=r.get("margin"),
+                               subset=r.get("subset") or "default") for r in d.get("pairs", [])]
+    return HeldOut(d["source"], list(d.get("prompts", [])), pairs)
+
+
+def heldout_source(path: str, fraction: float, n: int) -> str:
+    return f"{path} (held out: {n} rows, {fraction:.0%})"
 
 
 def write_evaluation(work_dir: Path, result: dict) -> None:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import CONF_DIR, stage_configs  # noqa: F401  (CONF_DIR: public, used by callers)
 from pipeline.config.compose import check_renamed, open_sections
-from pipeline.errors import ConfigError, Interrupted, PipelineError
+from pipeline.errors import ConfigError, Interrupted, PipelineError, StopRun
 from pipeline.registry import closest
 from pipeline.tasks import build_task
 
@@ -169,16 +169,20 @@ def _inputs(spec, done: dict[str, Any]) -> dict:
 
 #: metric prefixes that measure the machine, not the result: kept in run.json, not results.json
 TIMING_PREFIXES = ("perf/",)
+#: metrics logged along training that are not results (Lightning's LearningRateMonitor: ``lr-AdamW``...)
+CURVE_ONLY = ("lr-",)
 
 
-def run_pipeline(cfg: DictConfig, hook=None) -> dict:
+def run_pipeline(cfg: DictConfig, hook=None, *, rebuild=()) -> dict:
     """Run every stage of ``cfg.pipeline`` and return ``results`` (also saved as JSON).
 
     ``cfg`` comes from :func:`pipeline.config.compose` (or the command line).
     ``hook(stage_name, step, metrics)`` receives intermediate metrics during training
     stages; an exception it raises (e.g. ``optuna.TrialPruned``) stops the run and
     nothing half-finished is published. SIGTERM / SIGINT stop it the same way
-    (:class:`pipeline.errors.Interrupted`).
+    (:class:`pipeline.errors.Interrupted`). Stages named in ``rebuild`` run even when their
+    artifact is cached, continuing from their mid-stage checkpoint if there is one (population-based
+    training stops them at a step; ``force`` instead starts over).
     """
     _setup_env()
     stages = plan(cfg)
@@ -190,17 +194,21 @@ def run_pipeline(cfg: DictConfig, hook=None) -> dict:
         raise _write_error(err, run_dir) from None
     with _run_log(run_dir), interrupts_as_errors():
         try:
-            return _run_stages(cfg, stages, run_dir, hook)
+            return _run_stages(cfg, stages, run_dir, hook, rebuild)
+        except StopRun as err:
+            log.info("run stopped by its hook: %s", err)
+            raise
         except BaseException as err:
             log.error("run failed: %s", err.render() if isinstance(err, (PipelineError, Interrupted))
                       else f"{type(err).__name__}: {err}")
             raise
 
 
-def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook) -> dict:
+def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook, rebuild=()) -> dict:
     import lightning as L
 
     from pipeline.artifacts import ArtifactStore, runtime_info, versions
+    from pipeline.resume import ResumeState
     from pipeline.tracking.wandb_runs import stage_run
 
     store = ArtifactStore(cfg.paths.artifact_dir, verify=cfg.cache.verify, lock_timeout_s=cfg.cache.lock_timeout_s)
@@ -214,23 +222,30 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
         spec, fp = st.spec, st.fingerprint
         t0 = time.time()
         forced = cfg.force or spec.name in cfg.force_stages
-        art = None if forced else store.lookup(spec.kind, fp)  # no lock: a read-only cache works
+        skip_cache = forced or spec.name in rebuild
+        art = None if skip_cache else store.lookup(spec.kind, fp)  # no lock: a read-only cache works
         reused = art is not None
         if not reused:
             with store.lock(spec.kind, fp):
-                art = None if forced else store.lookup(spec.kind, fp)  # built meanwhile by another process?
+                art = None if skip_cache else store.lookup(spec.kind, fp)  # built meanwhile by another process?
                 reused = art is not None
                 if not reused:
                     log.info("stage %s (%s): running -> %s", spec.name, spec.kind, store.path_for(spec.kind, fp))
                     L.seed_everything(st.cfg.seed, workers=True, verbose=False)
-                    stage = st.cls(st.cfg, spec, _inputs(spec, done), hook=hook, run_dir=run_dir)
+                    resume = ResumeState(store.resume_path(spec.kind, fp), st.cfg.trainer.checkpoint_every_n_steps)
+                    if forced:  # a forced rebuild starts over, also from a killed run's checkpoints
+                        resume.clear()
+                    stage = st.cls(st.cfg, spec, _inputs(spec, done), hook=hook, run_dir=run_dir, resume=resume)
                     manifest = {"stage": spec.name, "inputs": {r: {"fingerprint": f} for r, f in st.input_fps.items()},
                                 "config": st.config, "seed": st.cfg.seed,
                                 "overrides": [str(o) for o in (spec.get("overrides") or [])]}
                     with store.build(spec.kind, fp, manifest) as (work, record), \
                             stage_run(st.cfg, spec.name, spec.kind, work) as tracked:  # W&B: one run per stage
-                        record["metrics"] = stage.run(work)
+                        # learning rates are a curve (metrics.csv, reports), not a result of the stage
+                        record["metrics"] = {k: v for k, v in stage.run(work).items() if not k.startswith(CURVE_ONLY)}
                         record.update(stage.record)
+                        if resume.resumed_from is not None:
+                            record["resumed_from_step"] = resume.resumed_from
                         tracked.finish(record["metrics"])
                     new_stages.append(spec.name)
                     art = store.lookup(spec.kind, fp)
@@ -249,6 +264,8 @@ def _run_stages(cfg: DictConfig, stages: list[PlannedStage], run_dir: Path, hook
         run_info["stages"][spec.name] = {"reused": reused, "seconds": round(time.time() - t0, 3),
                                          "artifact": str(art.path), "headline": list(st.cls.headline),
                                          "timings": {k: v for k, v in art.metrics.items() if k.startswith(TIMING_PREFIXES)}}
+        if not reused and art.manifest.get("resumed_from_step") is not None:  # continued a killed build
+            run_info["stages"][spec.name]["resumed_from_step"] = art.manifest["resumed_from_step"]
         try:
             _link(run_dir / "stages" / spec.name, art.path)
         except OSError as err:

@@ -50,19 +50,19 @@ class CallableScorer:
     """A user function ``fn(prompts=, completions=, **columns) -> list[float]`` (imported lazily,
     so the scorer pickles by its import path for spawned DDP workers)."""
 
-    def __init__(self, path: str):
-        self.path = path
-        import_callable(path, key="rl.reward_fn")  # fail fast
+    def __init__(self, path: str, key: str = "rl.reward_fn"):
+        self.path, self.key = path, key
+        import_callable(path, key=key)  # fail fast
 
     def __call__(self, prompts, completions, rows) -> torch.Tensor:
-        fn = import_callable(self.path, key="rl.reward_fn")
+        fn = import_callable(self.path, key=self.key)
         # dataset columns only: keys starting with "_" are the pipeline's (e.g. a row's source line)
         columns = {k: [r.get(k) for r in rows] for k in (rows[0] if rows else {}) if k != "prompt" and not k.startswith("_")}
         out = fn(prompts=list(prompts), completions=list(completions), **columns)
         t = torch.as_tensor([float(x) for x in out], dtype=torch.float32)
         if t.shape[0] != len(completions):
             raise ConfigError(f"returned {t.shape[0]} rewards for {len(completions)} completions",
-                              where="rl.reward_fn")
+                              where=self.key)
         return t
 
 

@@ -42,11 +42,18 @@ def print_summary(results: dict, run_info: dict, run_dir: Path, *, headline: dic
         table.add_row(name, st["kind"], "yes" if info["reused"] else "no", f"{info['seconds']:.1f}", shown)
     console.print(table)
     for stage, ev in (evaluations or {}).items():
+        data = ev.get("data") or {}
+        user_data = data.get("prompts") and not str(data["prompts"]).startswith("task ")
+        for judge, src in (data.get("pairs") or {}).items():  # where each accuracy comes from
+            if not str(src).startswith("task "):
+                console.print(f"{stage}: accuracy of {judge!r} on {src}", style="italic")
         policies = ev.get("policies") or {}
         if not policies:
             continue
         ref = ev.get("reference")
         title = f"{stage}: policies on held-out prompts" + (f" (KL to {ref!r})" if ref else "")
+        if user_data:  # say which data each number comes from; gold metrics exist only on built-in tasks
+            console.print(f"{stage}: prompts: {data['prompts']}", style="italic")
         pt = Table(title=title)
         pt.add_column("policy")
         cols = [c for c in POLICY_METRICS if any(c in p for p in policies.values())]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -94,6 +95,25 @@ class FinishWandb(Callback):
         self._finish(trainer, exit_code=1)
 
 
+def fit(trainer: L.Trainer, module, train_loader, val_loader=None) -> None:
+    """``trainer.fit``, continuing from the stage's last mid-stage checkpoint when there is one
+    (:mod:`pipeline.resume`; its files are put back into the work directory first)."""
+    from pipeline.resume import ResumeCallback
+
+    ckpt = None
+    for cb in trainer.callbacks:
+        if isinstance(cb, ResumeCallback):
+            ckpt = cb.state.restore(cb.work_dir)
+            # the loader's position now: Lightning iterates the loader before it restores the fit
+            # loop's state when configure_optimizers asks for estimated_stepping_batches
+            if ckpt is not None and cb.state.loader_states and hasattr(train_loader, "load_state_dict"):
+                train_loader.load_state_dict(cb.state.loader_states[0])
+    with warnings.catch_warnings():
+        if ckpt is not None:  # the restored CSV log is appended to, not deleted as Lightning warns
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+
+
 class StageProgress(Callback):
     """A Rich progress bar for a training stage: optimizer steps done of the planned total, elapsed
     time, ETA and the headline metric(s): what the module logs with ``prog_bar=True`` (losses,
@@ -163,11 +183,16 @@ def trained_steps(trainer) -> int:
 
 def build_trainer(cfg, *, stage: str, work_dir: Path, max_epochs: int = -1, max_steps: int = -1,
                   accumulate_grad_batches: int = 1, hook: MetricsHook | None = None, checkpoint: bool = False,
-                  callbacks: list[Callback] | None = None, gradient_clip: bool = True, **kwargs) -> L.Trainer:
+                  callbacks: list[Callback] | None = None, gradient_clip: bool = True, resume=None,
+                  **kwargs) -> L.Trainer:
+    """The stage's Trainer. ``resume`` (a :class:`pipeline.resume.ResumeState`) adds the mid-stage
+    checkpoints, first among the callbacks (a hook that stops the run at a step finds that step's
+    checkpoint written); start training with :func:`fit`, which resumes from it."""
     tcfg = cfg.trainer
     if tcfg.num_threads:
         torch.set_num_threads(int(tcfg.num_threads))
-    cbs: list[Callback] = list(callbacks or [])
+    cbs: list[Callback] = [resume.callback(work_dir)] if resume is not None else []
+    cbs += list(callbacks or [])
     if bool(tcfg.enable_progress_bar) and sys.stderr.isatty():  # quiet in logs and CI
         cbs.append(StageProgress(stage))
     cbs.append(LearningRateMonitor(logging_interval="step"))  # lr-<optimizer> in the metrics (and reports)

@@ -43,11 +43,20 @@ def make_cfg(tmp_path):
     return _make
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cli_env(root: Path, **extra: str) -> dict:
+    """The environment of a pipeline subprocess: outputs under ``root``, offline, and this
+    repository importable (the ``tests`` package holds reward functions the configs name)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PIPELINE_ROOT=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=path,
+                **extra)
+
+
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m pipeline ARGS`` in ``cwd`` (artifacts under cwd/outputs)."""
-    full_env = dict(os.environ)
-    full_env.update({"PIPELINE_ROOT": str(cwd), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"})
-    full_env.update(env or {})
+    full_env = cli_env(cwd, **(env or {}))
     return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, env=full_env, capture_output=True,
                           text=True, timeout=timeout)
 

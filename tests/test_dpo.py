@@ -392,7 +392,8 @@ def test_cli_pipeline_dpo_prints_kl_in_the_summary(workdir, sft_art):
     out = proc.stdout
     assert "eval: policies on held-out prompts (KL to 'sft')" in out and "kl" in out.split("KL to 'sft'")[1]
     assert "val/rewards/accuracies" in out
-    rows = [line.split() for line in out.split("KL to 'sft'")[1].splitlines()]
+    table = out.split("KL to 'sft'")[1].split("win rate of row over column")[0]  # the policy table only
+    rows = [line.split() for line in table.splitlines()]
     assert [r[1] for r in rows if len(r) > 2 and r[1] in ("sft", "dpo")] == ["sft", "dpo"]
 
 

@@ -113,6 +113,10 @@ def test_every_shipped_sweep_validates_against_the_pipeline(name, tmp_path):
     tuner = Tuner(load_spec(name), root=tmp_path)
     assert tuner.seed_stages and set(tuner.seed_stages) <= set(tuner.stage_names)
     assert "sft" not in tuner.seed_stages and "rm" not in tuner.seed_stages  # policy sweeps reuse SFT and RM
+    if tuner.spec.pbt is not None:  # population-based training: its settings against the pipeline too
+        from pipeline.tune.pbt import Population
+
+        assert Population(tuner).stage == "rl"
 
 
 def test_seeds_apply_to_the_stages_the_space_changes(tmp_path):

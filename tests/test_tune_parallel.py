@@ -13,6 +13,7 @@ from collections import Counter
 
 import pytest
 
+from tests.conftest import cli_env
 from tests.tune_helpers import load_study, run_tune, start_postgres, write_sweep
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def test_sigkill_mid_trial_then_the_same_command_resumes_the_study(tmp_path):
     path = write_sweep(tmp_path, "kill", base=SLOW + ["rl.total_steps=10"],
                        space={"algorithm.kl_coef": [0.05, 0.1, 0.2, 0.3]},
                        tune={"n_trials": 3, "sampler": "grid", "test_seeds": []})
-    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = cli_env(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune", f"sweep={path}"], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     study_dir = tmp_path / "outputs" / "studies" / "kill"
@@ -108,7 +109,7 @@ def test_two_workers_on_a_postgresql_study(postgres, tmp_path):
     name = f"pg_{os.getpid()}_{int(time.time())}"  # a server given by .ci/run may hold other studies
     path = write_sweep(tmp_path, "pg", base=SLOW, tune={"n_trials": 4, "sampler": "random", "test_seeds": [5],
                                                         "study_name": name})
-    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = cli_env(tmp_path)
     args = [sys.executable, "-m", "pipeline.tune", f"sweep={path}", f"tune.storage={postgres}", "tune.phase=trials"]
     workers = [subprocess.Popen(args + [f"tune.worker={i}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -142,7 +143,7 @@ LAUNCH = ["pipeline=sft", "model.n_layer=1", "model.n_embd=32", "model.n_head=2"
 @pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
                                       ["hydra/launcher=submitit_local"]], ids=["basic", "joblib", "submitit_local"])
 def test_multirun_grid_with_hydra_launchers(launcher, tmp_path):
-    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = cli_env(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "pipeline", "-m", *launcher, *LAUNCH, "sft.optim.lr=0.001,0.003"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -131,7 +131,10 @@ def test_local_model_sft_then_reward_model_on_each_preference_format(fmt, user, 
     assert sft["train/examples"] == 36 and sft["val/loss"] < sft["val/loss_init"]
     assert rm["train/pairs"] == 36 and rm["val/pairs"] == 4 and rm["train/steps"] == 4
     assert 0.0 <= rm["val/accuracy"] <= 1.0 and math.isfinite(rm["val/loss"])  # max_steps < 1 epoch: still reported
-    assert 0.0 <= res["stages"]["eval"]["metrics"]["eval/rm_accuracy"] <= 1.0
+    # the evaluation scores the reward model on the same held-out pairs of the user's file, not the task's
+    assert res["stages"]["eval"]["metrics"]["eval/rm_accuracy"] == pytest.approx(rm["val/accuracy"])
+    ev = json.loads((Path(cfg.paths.output_dir) / "stages" / "eval" / "evaluation.json").read_text())
+    assert ev["reward_models"]["rm"]["pairs"] == 4 and str(path) in ev["data"]["pairs"]["rm"]
 
     from pipeline.artifacts import Artifact
     from pipeline.models.reward import RewardScorer
@@ -142,6 +145,81 @@ def test_local_model_sft_then_reward_model_on_each_preference_format(fmt, user, 
     assert (art.path / "model" / "member_0" / "model.safetensors").is_file()
     scores = RewardScorer.from_artifact(art).score([e.prompt for e in examples[:6]], [e.chosen for e in examples[:6]])
     assert scores.shape == (6,) and torch.isfinite(scores).all()
+
+
+# --------------------------------------------------------------------------- evaluation on user data
+def echo_reward(prompts, completions, completion=None, **_):
+    """A user reward function reading a column of the prompt file: 1 when the reference completion's
+    first word is in the sampled completion."""
+    return [float(ref.split()[0] in c) if ref else 0.0 for c, ref in zip(completions, completion or [None] * len(completions))]
+
+
+@pytest.mark.parametrize("algo,fmt", [("ppo", "pc"), ("grpo", "conversational")])
+def test_user_prompts_train_rl_and_are_evaluated_on_their_held_out_part(algo, fmt, user, workdir):
+    """SFT, RM and RL on the user's files (plain and chat prompts): the evaluation samples the policies on the
+    RL stage's held-out user prompts, scores them by the reward model (no gold reward exists there) and says so."""
+    cfg = compose(QUIET + SFT + RM + [
+        f"algorithm={algo}", f"model.name_or_path={user['model']}", f"sft.data.path={user['files']['pc']}",
+        f"reward.data.path={user['files']['explicit']}", f"rl.data.path={user['files'][fmt]}",
+        "rl.data.eval_fraction=0.25", "rl.total_steps=3", "rl.prompts_per_step=4", "rl.eval_every=3",
+        "rl.log_completions_every=0", "algorithm.max_new_tokens=8"], workdir, f"rl-{algo}-{fmt}")
+    res = run_pipeline(cfg)
+    run_dir = Path(cfg.paths.output_dir)
+    held = json.loads((run_dir / "stages" / "rl" / "heldout.json").read_text())
+    assert len(held["prompts"]) == 10 and str(user["files"][fmt]) in held["source"]
+    held_prompts = {r["prompt"] for r in held["prompts"]}
+    if fmt == "conversational":  # chat prompts rendered with the template, as SFT renders them
+        assert all(p.startswith("<|user|> echo ") and p.endswith("<|assistant|>") for p in held_prompts)
+    ev = json.loads((run_dir / "stages" / "eval" / "evaluation.json").read_text())
+    assert "held-out prompts of stage 'rl'" in ev["data"]["prompts"] and str(user["files"][fmt]) in ev["data"]["prompts"]
+    for name in ("sft", "rl"):
+        p = ev["policies"][name]
+        assert "gold_reward" not in p and "win_rate" not in p and math.isfinite(p["proxy_reward"])
+        assert p["num_samples"] == 10  # every held-out prompt once
+    assert ev["policies"]["rl"]["kl"] != 0  # it trained (identical weights give exactly 0; 3 steps may give < 0)
+    samples = [json.loads(line) for line in (run_dir / "stages" / "eval" / "examples.jsonl").read_text().splitlines()]
+    assert {s["prompt"] for s in samples} == held_prompts
+    assert "gold_preference" not in ev["win_rates"]
+    curve = [json.loads(line) for line in (run_dir / "stages" / "rl" / "curve.jsonl").read_text().splitlines()]
+    assert curve and all("eval/proxy_reward" in c and "eval/gold_reward" not in c for c in curve)
+    assert "eval/rl/gold_reward" not in res["stages"]["eval"]["metrics"]
+
+
+def test_eval_data_path_and_a_user_reward_function(user, workdir, capsys):
+    """eval.data.path points the evaluation at any preference (or prompt) file: the RM accuracy on all its pairs,
+    the policies on its prompts, scored by eval.reward_fn with the file's columns; the summary names the file."""
+    path = user["files"]["explicit"]
+    cfg = compose(QUIET + SFT + RM + [
+        "pipeline=rm_eval", f"model.name_or_path={user['model']}", f"sft.data.path={user['files']['pc']}",
+        f"reward.data.path={path}", f"eval.data.path={user['files']['pc']}", "print_summary=true",
+        f"eval.reward_fn={__name__}:echo_reward"], workdir, "eval-data")
+    res = run_pipeline(cfg)
+    ev = json.loads((Path(cfg.paths.output_dir) / "stages" / "eval" / "evaluation.json").read_text())
+    assert ev["data"]["prompts"] == f"eval.data.path={user['files']['pc']}"
+    assert "rm" not in ev["reward_models"]  # a prompt file has no pairs: no accuracy rather than the task's
+    sft = ev["policies"]["sft"]
+    assert sft["num_samples"] == N_ROWS and 0.0 <= sft["user_reward"] <= 1.0 and "gold_reward" not in sft
+    assert res["stages"]["eval"]["metrics"]["eval/sft/user_reward"] == sft["user_reward"]
+    out = capsys.readouterr().out
+    assert "prompts: eval.data.path=" in out and "user_reward" in out
+
+    cfg = compose(QUIET + SFT + RM + ["pipeline=rm_eval", f"model.name_or_path={user['model']}",
+                                      f"sft.data.path={user['files']['pc']}", f"reward.data.path={path}",
+                                      f"eval.data.path={path}"], workdir, "eval-pairs")
+    ev = json.loads((Path(cfg.paths.output_dir) / "stages" / "eval" / "evaluation.json").read_text()) \
+        if run_pipeline(cfg) else None
+    assert ev["reward_models"]["rm"]["pairs"] == N_ROWS and ev["policies"]["sft"]["num_samples"] == N_ROWS
+
+
+def test_editing_a_data_file_changes_the_fingerprint(user, tmp_path):
+    from pipeline.run import plan
+
+    f = tmp_path / "pc.jsonl"
+    f.write_text(user["files"]["pc"].read_text())
+    fps = lambda: {s.name: s.fingerprint for s in plan(compose(["pipeline=sft", f"sft.data.path={f}"], tmp_path))}  # noqa: E731
+    before = fps()
+    f.write_text(f.read_text().replace("echo", "repeat"))
+    assert fps()["sft"] != before["sft"]
 
 
 # --------------------------------------------------------------------------- SFT formats

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from tests.conftest import cli_env
+
 #: a whole default pipeline (SFT -> RM -> PPO -> eval) in about a second per trial (after SFT/RM)
 BASE = ["pipeline=default", "algorithm=ppo", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
         "task.num_train_prompts=128", "task.num_pref_prompts=128", "task.num_eval_prompts=8",
@@ -58,7 +60,7 @@ def slow_high(prompts, completions, **_):
 
 # ----------------------------------------------------------------------------- processes
 def run_tune(args: list[str], cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    full = dict(os.environ, PIPELINE_ROOT=str(cwd), HF_HUB_OFFLINE="1", WANDB_MODE="disabled", **(env or {}))
+    full = cli_env(cwd, **(env or {}))
     return subprocess.run([sys.executable, "-m", "pipeline.tune", *args], cwd=cwd, env=full, capture_output=True,
                           text=True, timeout=timeout)
 

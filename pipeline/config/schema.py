@@ -205,6 +205,13 @@ class EvalConfig:
     win_rates: bool = True
     #: beta of the regularised game whose exploitability is reported (tasks with a class game)
     exploitability_beta: float = 0.1
+    #: evaluation data: null = the held-out part of the user data the inputs trained on (or the
+    #: built-in task's held-out prompts and pairs); else a prompt file (policies are sampled on its
+    #: prompts) or a preference file (also the reward / preference model accuracy on its pairs)
+    data: DataConfig = field(default_factory=DataConfig)
+    #: a user reward function "package.module:function" (called like ``rl.reward_fn``, with the
+    #: prompt rows' columns) scoring every policy's samples as ``user_reward``
+    reward_fn: Optional[str] = None
 
 
 @dataclass
@@ -274,6 +281,14 @@ class AlgorithmConfig:
 
 
 @dataclass
+class ScheduleEntry:
+    """One change of a schedule: ``overrides`` (``key=value``) take effect at the start of rollout step ``step``."""
+
+    step: int = 0
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
 class RLConfig:
     """The online RL stage (kind ``rl``): the training loop shared by every algorithm."""
 
@@ -301,6 +316,9 @@ class RLConfig:
     #: train LoRA adapters on the SFT policy; the reference is the same model with
     #: adapters disabled (no second copy in memory)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    #: hyperparameters that change during training, e.g. [{step: 20, overrides: [algorithm.kl_coef=0.1]}]
+    #: (the keys of pipeline/modules/schedule.py SCHEDULABLE; population-based training writes these)
+    schedule: List[ScheduleEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -475,6 +493,10 @@ class TrainerConfig:
     deterministic: bool = False
     #: torch intra-op threads (null = torch default)
     num_threads: Optional[int] = None
+    #: a training stage saves a checkpoint every N steps (optimizer steps; rollout steps / iterations
+    #: for rl and nlhf) in ``<artifact_dir>/.tmp/<kind>-<fingerprint>.resume/``; rerunning a killed
+    #: stage continues from it with the same result (see README, "Resuming"). 0 = no mid-stage checkpoints
+    checkpoint_every_n_steps: int = 20
 
 
 @dataclass

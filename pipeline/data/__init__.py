@@ -18,10 +18,12 @@ from pipeline.data.formats import (
     FORMATS,
     SOURCE,
     load_preference_examples,
+    load_eval_data,
     load_prompt_rows,
     load_sft_examples,
     split_common_prefix,
 )
+from pipeline.data.loader import ResumableLoader
 from pipeline.data.records import PreferenceExample, SFTExample
 from pipeline.data.splits import split_holdout
 
@@ -31,6 +33,7 @@ __all__ = [
     "PairCollator",
     "PreferenceCollator",
     "PreferenceExample",
+    "ResumableLoader",
     "SFTCollator",
     "SFTExample",
     "check_on_long_prompt",
@@ -38,6 +41,7 @@ __all__ = [
     "fit_prompts",
     "SOURCE",
     "load_preference_examples",
+    "load_eval_data",
     "load_prompt_rows",
     "load_sft_examples",
     "seeded_generator",

@@ -30,6 +30,7 @@ import torch
 
 from pipeline.data.records import PreferenceExample, SFTExample
 from pipeline.errors import DataError
+from pipeline.models.packing import pack_trees
 
 log = logging.getLogger(__name__)
 IGNORE_INDEX = -100
@@ -406,64 +407,12 @@ class PreferenceCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         b = len(features)
-        sizes = [len(f["prompt_ids"]) + len(f["chosen_ids"]) + len(f["rejected_ids"]) for f in features]
-        width = max(max(sizes), self.row_length)
-        rows: list[list[int]] = []
-        free: list[int] = []
-        for i in sorted(range(b), key=lambda i: (-sizes[i], i)):  # first-fit decreasing, deterministic
-            for r, room in enumerate(free):
-                if sizes[i] <= room:
-                    rows[r].append(i)
-                    free[r] -= sizes[i]
-                    break
-            else:
-                rows.append([i])
-                free.append(width - sizes[i])
-        ids = [[self.pad_token_id] * width for _ in rows]
-        pos = [[0] * width for _ in rows]
-        seg = [[0] * width for _ in rows]  # 1.. per pair in the row, 0 = padding
-        branch = [[-1] * width for _ in rows]  # 0 prompt, 1 chosen, 2 rejected
-        src_row: list[int] = []
-        src_col: list[int] = []
-        targets: list[int] = []
-        seq_index: list[int] = []
-        for r, members in enumerate(rows):
-            col = 0
-            for k, i in enumerate(members):
-                f = features[i]
-                prompt = f["prompt_ids"]
-                n_p = len(prompt)
-                last_prompt = col + n_p - 1
-                ids[r][col:col + n_p] = prompt
-                pos[r][col:col + n_p] = range(n_p)
-                seg[r][col:col + n_p] = [k + 1] * n_p
-                branch[r][col:col + n_p] = [0] * n_p
-                start = col + n_p
-                for which, resp in ((1, f["chosen_ids"]), (2, f["rejected_ids"])):
-                    n = len(resp)
-                    ids[r][start:start + n] = resp
-                    pos[r][start:start + n] = range(n_p, n_p + n)
-                    seg[r][start:start + n] = [k + 1] * n
-                    branch[r][start:start + n] = [which] * n
-                    src_row.extend([r] * n)
-                    src_col.extend([last_prompt] + list(range(start, start + n - 1)))
-                    targets.extend(resp)
-                    seq_index.extend([i if which == 1 else b + i] * n)
-                    start += n
-                col = start
-        seg_t, branch_t = torch.tensor(seg), torch.tensor(branch)
-        same_pair = (seg_t[:, :, None] == seg_t[:, None, :]) & (seg_t[:, None, :] > 0)
-        visible = (branch_t[:, None, :] == 0) | (branch_t[:, None, :] == branch_t[:, :, None])
-        mask = same_pair & visible & torch.ones(width, width, dtype=torch.bool).tril()
-        mask |= torch.eye(width, dtype=torch.bool)
+        packed = pack_trees([(f["prompt_ids"], (f["chosen_ids"], f["rejected_ids"])) for f in features],
+                            self.pad_token_id, self.row_length)
         batch = {
-            "input_ids": torch.tensor(ids, dtype=torch.long),
-            "position_ids": torch.tensor(pos, dtype=torch.long),
-            "attention_mask": mask[:, None],
-            "src_row": torch.tensor(src_row, dtype=torch.long),
-            "src_col": torch.tensor(src_col, dtype=torch.long),
-            "targets": torch.tensor(targets, dtype=torch.long),
-            "seq_index": torch.tensor(seq_index, dtype=torch.long),
+            **{k: packed[k] for k in ("input_ids", "position_ids", "attention_mask", "src_row", "src_col",
+                                      "targets")},
+            "seq_index": packed["tree"] + b * packed["branch"],
             "lengths": torch.tensor([len(f["chosen_ids"]) for f in features]
                                     + [len(f["rejected_ids"]) for f in features], dtype=torch.long),
             "margin": torch.tensor([f.get("margin") or 0.0 for f in features], dtype=torch.float),

@@ -115,7 +115,33 @@ def load_prompt_rows(cfg, *, key: str | None = None, tokenizer=None) -> list[dic
     template and the generation prompt, exactly as SFT renders the prompt of a conversation
     (without a tokenizer the messages are only checked)."""
     spec, rows, _ = _load(cfg, key=key, detect=False)
+    return _prompt_rows(spec, rows, ChatRenderer(tokenizer))
+
+
+def load_eval_data(cfg, *, key: str | None = None, tokenizer=None) -> tuple[list[dict], list[PreferenceExample] | None]:
+    """Evaluation data (``eval.data``): ``(prompt rows, pairs)``. A preference file gives its
+    pairs (reward / preference model accuracy) and its distinct prompts (policies are sampled on
+    them); a file with a ``prompt`` column (prompt-only, prompt + completion) gives prompt rows
+    as :func:`load_prompt_rows` does, and no pairs."""
+    spec, rows, shape = _load(cfg, key=key)
     chat = ChatRenderer(tokenizer)
+    if shape == "preference":
+        pairs = [_preference(r, chat) for r in rows]
+        seen: dict[str, dict] = {}
+        for p in pairs:
+            seen.setdefault(p.prompt, {"prompt": p.prompt, SOURCE: p.where})
+        if not any(seen):
+            raise DataError("the preference pairs have no prompts to sample policies on (implicit prompts with no "
+                            "common prefix)", where=spec.source, fix="give the pairs a 'prompt' column")
+        return [r for r in seen.values() if r["prompt"]], pairs
+    if shape not in ("prompt_completion", "prompt_only"):
+        raise DataError(f"this is a {_label(shape)} dataset (columns: {_cols(rows[0])}), but evaluation needs "
+                        "prompts: a 'prompt' column (prompt-only or prompt + completion) or preference pairs",
+                        where=spec.source, fix=f"point {spec.key}.path at a prompt or preference file")
+    return _prompt_rows(spec, rows, chat), None
+
+
+def _prompt_rows(spec: DataSpec, rows: list[Row], chat: "ChatRenderer") -> list[dict]:
     out = []
     for r in rows:
         if "prompt" not in r.values:
@@ -125,7 +151,7 @@ def load_prompt_rows(cfg, *, key: str | None = None, tokenizer=None) -> list[dic
         prompt = r.values["prompt"]
         if _is_chat(prompt):
             messages = _chat(r, "prompt")
-            prompt = chat._render(messages, r, True) if tokenizer is not None else messages
+            prompt = chat._render(messages, r, True) if chat.tokenizer is not None else messages
         else:
             prompt = _text(r, "prompt")
         out.append({**r.values, "prompt": prompt, SOURCE: r.where})

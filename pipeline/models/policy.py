@@ -88,3 +88,15 @@ def policy_from_artifact(art):
     model = load_causal_lm(art.model_dir, key=f"artifact {art.path}")
     tokenizer = load_tokenizer(str(art.model_dir), key=f"artifact {art.path}")
     return model, tokenizer
+
+
+def trainable_policy(art, lora_cfg):
+    """``(policy, tokenizer, reference)`` for an online stage starting from a policy artifact:
+    dropout off (sampling and training log-probs must match); with LoRA the policy gets adapters
+    and the reference is None (the same model with its adapters disabled), else the reference is
+    a second, frozen copy of the starting policy."""
+    policy, tokenizer = policy_from_artifact(art)
+    disable_dropout(policy)
+    if lora_cfg.enabled:
+        return apply_lora(policy, lora_cfg), tokenizer, None
+    return policy, tokenizer, policy_from_artifact(art)[0]

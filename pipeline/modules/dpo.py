@@ -4,8 +4,8 @@
 A step: ONE forward pass of the policy over the packed batch (:class:`pipeline.data.PreferenceCollator`:
 each pair as ``prompt | chosen | rejected`` under a tree attention mask, several pairs per row, so
 the prompt is computed once and there is almost no padding); the LM head runs only on the positions
-that predict response tokens, and their log-probs are ``logits.gather - logsumexp`` (no full
-log-softmax), summed per response (:func:`response_logps`). The reference's sums come from the batch
+that predict response tokens (:func:`pipeline.models.packing.token_logprobs`), summed per response
+(:func:`response_logps`). The reference's sums come from the batch
 (precomputed once, :func:`reference_logps`) or from one forward pass under ``torch.inference_mode``
 (the reference model, or the policy itself with its LoRA adapters disabled); losses that never read
 the reference (SimPO, ORPO, CPL, ``reference_free``) skip that pass. Then :func:`preference_loss`
@@ -32,7 +32,8 @@ from pipeline.algorithms.preference_losses import (
     loss_terms,
     preference_loss,
 )
-from pipeline.models.policy import causal_lm_parts, reference_of
+from pipeline.models.packing import attention_mask_for, token_logprobs
+from pipeline.models.policy import reference_of
 from pipeline.modules.common import check_finite, configure_adamw
 
 #: per-step state a loss declares in its ``runtime`` metadata -> the batch statistic whose
@@ -81,25 +82,9 @@ def pair_logps(policy: Tensor, ref: Tensor | None, lengths: Tensor, margin: Tens
 
 def response_logps(model, batch: dict) -> Tensor:
     """[2B] summed log-probs of the responses of a packed batch (chosen 0..B-1, rejected B..2B-1)."""
-    mask = batch["attention_mask"]
-    impl = str(getattr(model.config, "_attn_implementation", ""))
-    if impl.startswith(("flash", "paged")):
-        raise ValueError(f"attn_implementation={impl!r} cannot apply the packed pairs' attention mask; "
-                         "load the model with 'sdpa' or 'eager' attention")
-    if "sdpa" not in impl:  # eager: an additive float mask
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch["position_ids"],
-              "use_cache": False}
-    rows, cols = batch["src_row"], batch["src_col"]
-    parts = causal_lm_parts(model)
-    if parts is not None:  # the head only where a response token is predicted
-        backbone, head = parts
-        logits = head(backbone(**inputs)[0][rows, cols])
-    else:
-        logits = model(**inputs).logits[rows, cols]
-    logits = logits.float()
-    lp = logits.gather(-1, batch["targets"][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": attention_mask_for(model, batch["attention_mask"]),
+              "position_ids": batch["position_ids"]}
+    lp, _ = token_logprobs(model, inputs, batch["src_row"], batch["src_col"], batch["targets"])
     return lp.new_zeros(batch["lengths"].shape[0]).index_add(0, batch["seq_index"], lp)
 
 

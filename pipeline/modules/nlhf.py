@@ -79,6 +79,8 @@ class OnlinePreferenceModule(L.LightningModule):
         self._generator: torch.Generator | None = None
         #: iterations done (Lightning's global_step counts optimizer steps)
         self.rollout_step = 0
+        #: the module's part of a checkpoint being resumed from (applied in ``on_fit_start``)
+        self._resumed: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_optimizers(self):
@@ -89,10 +91,28 @@ class OnlinePreferenceModule(L.LightningModule):
 
     def on_fit_start(self):
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed * 1009 + self.global_rank)
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:  # a mid-stage checkpoint (pipeline.resume): continue its streams
+            self._generator.set_state(resumed["generator"])
+            if self.evaluate_fn is not None and resumed.get("baseline") is not None:
+                self.evaluate_fn.baseline = list(resumed["baseline"])  # sampled from the input policy
+            return
         if self.evaluate_fn is not None and self.ncfg.eval_every > 0:
             if hasattr(self.evaluate_fn, "set_baseline") and self.trainer.is_global_zero:
                 self.evaluate_fn.set_baseline(self.policy)
             self._evaluate(step=0)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Beyond weights (frozen references and round-start policy included) and optimizer: the
+        iteration, the sampling generator and the evaluation's baseline samples."""
+        checkpoint["online_preference"] = {"rollout_step": self.rollout_step,
+                                           "generator": self._generator.get_state().cpu(),
+                                           "baseline": getattr(self.evaluate_fn, "baseline", None)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["online_preference"]
+        self.rollout_step = int(state["rollout_step"])
+        self._resumed = state
 
     def on_fit_end(self):
         if self.evaluate_fn is not None and self.ncfg.eval_every > 0 and self.rollout_step % self.ncfg.eval_every:

@@ -16,6 +16,7 @@ Algorithms differ only in the registry names and numbers of ``cfg.algorithm``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import time
@@ -41,12 +42,16 @@ from pipeline.algorithms import (
     value_loss,
     whiten_rewards,
 )
+from pipeline.data import seeded_generator
 from pipeline.errors import TrainingError
+from pipeline.models.packing import accepts_packed
+from pipeline.modules.schedule import parse_schedule
 from pipeline.rollout.engine import (
     HFRolloutEngine,
+    ResponseLayout,
     RolloutBatch,
     SamplingParams,
-    position_ids_from_mask,
+    layout_responses,
     reference_logprobs,
     sequence_logprobs,
 )
@@ -71,6 +76,23 @@ class Experience:
     returns: torch.Tensor
     gen_time_s: float
     score_time_s: float
+    #: the batch laid out for the forward passes (packed: each prompt once), reused by the update
+    layout: ResponseLayout
+
+
+def _set_learning_rates(opt, sch, lrs: list[float]) -> None:
+    """New base learning rates for the optimizer's parameter groups; an LR schedule keeps its shape
+    (the current lr is the new base lr times the schedule's current factor)."""
+    opt = getattr(opt, "optimizer", opt)  # Lightning's wrapper
+    for i, (group, lr) in enumerate(zip(opt.param_groups, lrs)):
+        group["initial_lr"] = lr
+        if sch is not None and hasattr(sch, "lr_lambdas"):
+            sch.base_lrs[i] = lr
+            group["lr"] = lr * sch.lr_lambdas[i](sch.last_epoch)
+        else:
+            group["lr"] = lr
+    if sch is not None:
+        sch._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 class OnlineRLModule(L.LightningModule):
@@ -84,7 +106,10 @@ class OnlineRLModule(L.LightningModule):
         self.value_model = value_model.train() if value_model is not None else None
         self.tokenizer = tokenizer
         self.scorer, self.gold_fn, self.evaluate_fn = scorer, gold_fn, evaluate_fn
-        self.acfg, self.rcfg = acfg, rcfg
+        # the module's own copies: a schedule (rl.schedule) changes them between rollout steps
+        self.acfg, self.rcfg = copy.deepcopy(acfg), copy.deepcopy(rcfg)
+        #: rollout step -> {schedulable key: value} taking effect at the start of that step
+        self.schedule: dict[int, dict] = dict(parse_schedule(rcfg.schedule, rcfg.total_steps))
         self.work_dir = Path(work_dir) if work_dir else None
         self.grad_clip = grad_clip
         self.seed = seed
@@ -97,11 +122,15 @@ class OnlineRLModule(L.LightningModule):
         self.needs = requirements(acfg.advantage_estimator)
         self.policy_loss = POLICY_LOSSES.get(acfg.policy_loss, key="algorithm.policy_loss")
         self.kl_fn = KL_ESTIMATORS.get(acfg.kl_estimator, key="algorithm.kl_estimator")
-        self._generator = torch.Generator().manual_seed(seed * 1009)  # re-seeded per rank at fit start
+        self._generator = seeded_generator(seed * 1009)  # picklable (ddp_spawn); re-seeded per rank at fit start
+        #: forward passes on packed batches (each prompt once, no padding) unless a model cannot take them
+        self.pack = all(accepts_packed(m) for m in (policy, ref_policy, value_model) if m is not None)
         #: rollout steps done (Lightning's global_step counts optimizer steps: E x M per rollout step)
         self.rollout_step = 0
         #: the latest held-out evaluation, ``{"step": s, "eval/gold_reward": ..}`` (rank 0)
         self.last_eval: dict | None = None
+        #: the module's part of a checkpoint being resumed from (applied in ``on_fit_start``)
+        self._resumed: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_optimizers(self):
@@ -116,8 +145,27 @@ class OnlineRLModule(L.LightningModule):
     def on_fit_start(self):
         # each rank samples its own stream; same seed + rank -> same numbers
         self._generator = torch.Generator(device=self.device).manual_seed(self.seed * 1009 + self.global_rank)
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:  # a mid-stage checkpoint (pipeline.resume): continue its streams
+            self._generator.set_state(resumed["generator"])
+            for step in sorted(self.schedule):  # the settings in effect (the state already holds their effect)
+                if step < self.rollout_step:
+                    self.apply_hyperparameters(self.schedule[step], state=False)
+            return  # its step-0 evaluation is in the restored curve.jsonl
         if self.evaluate_fn is not None and self.rcfg.eval_every > 0:
             self._evaluate()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What a mid-stage checkpoint needs beyond weights and optimizer: the rollout step, the KL
+        controller's coefficient and the rollout generator (this rank's; rank 0's on disk)."""
+        checkpoint["online_rl"] = {"rollout_step": self.rollout_step, "kl_coef": float(self.kl_ctl.value),
+                                   "generator": self._generator.get_state().cpu()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["online_rl"]
+        self.rollout_step = int(state["rollout_step"])
+        self.kl_ctl.value = float(state["kl_coef"])
+        self._resumed = state
 
     def on_fit_end(self):
         if self.evaluate_fn is not None and self.rcfg.eval_every > 0 and self.rollout_step % self.rcfg.eval_every:
@@ -139,29 +187,58 @@ class OnlineRLModule(L.LightningModule):
 
         mask = rollout.response_mask.float()
         ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
+        layout = self.layout(ids, attn, start)
         # log-probs of the sampled tokens under the temperature-scaled policy, from the rollout itself
         old_logp = rollout.logprobs
         # LoRA (no ref_policy): the reference is the policy with its adapters disabled
-        ref_logp = reference_logprobs(self.policy, self.ref_policy, ids, attn, start, self.acfg.temperature)
+        ref_logp = reference_logprobs(self.policy, self.ref_policy, ids, attn, start, self.acfg.temperature,
+                                      layout=layout)
         kl = self.kl_fn(old_logp, ref_logp) * mask
         shaping = kl if self.acfg.kl_penalty == "reward" else torch.zeros_like(kl)
         token_rewards = token_level_rewards(scores, shaping, mask, self.kl_ctl.value)
-        old_values = self._values(ids, attn, start) if self.value_model is not None else None
+        old_values = None
+        if self.value_model is not None:
+            with torch.inference_mode():
+                old_values = self._values(layout)
+            old_values = old_values.clone()  # an ordinary tensor again
         adv, returns = self.estimator(
             token_rewards=token_rewards, response_mask=mask, values=old_values,
             group_index=rollout.group_index, baseline_scores=baseline, gamma=self.acfg.gamma,
             lam=self.acfg.lam, norm_adv_by_std=self.acfg.norm_adv_by_std)
         return Experience(rollout, raw_scores, scores, mask, old_logp, ref_logp, kl, token_rewards, old_values, adv,
-                          returns, t_gen, t_score)
+                          returns, t_gen, t_score, layout)
+
+    def apply_hyperparameters(self, values: dict, state: bool = True) -> None:
+        """Set schedulable hyperparameters (``{"algorithm.kl_coef": 0.1, ...}``, see
+        :mod:`pipeline.modules.schedule`) from now on. ``state=True`` also pushes them into the
+        training state: learning rates into the optimizer and its LR schedule, ``kl_coef`` into the
+        KL controller (a resumed run restores that state from its checkpoint instead)."""
+        for key, value in values.items():
+            section, name = key.split(".", 1)
+            if section == "rl":  # rl.optim.lr
+                self.rcfg.optim.lr = value
+            else:
+                self.acfg[name] = value
+            if name in ("kl_target", "kl_horizon") and hasattr(self.kl_ctl, name[3:]):
+                setattr(self.kl_ctl, name[3:], float(value))
+            if state and name == "kl_coef":
+                self.kl_ctl.value = float(value)
+        self.sampling = self.sampling.replace(temperature=self.acfg.temperature, top_p=self.acfg.top_p,
+                                              top_k=self.acfg.top_k)
+        if state and ("rl.optim.lr" in values or "algorithm.critic_lr" in values):
+            lrs = [self.rcfg.optim.lr]
+            if self.value_model is not None:
+                lrs.append(self.acfg.critic_lr or self.rcfg.optim.lr)
+            _set_learning_rates(self.optimizers(), self.lr_schedulers(), lrs)
 
     def training_step(self, rows: list[dict], batch_idx: int):
         t0 = time.perf_counter()
+        if self.rollout_step in self.schedule:
+            self.apply_hyperparameters(self.schedule[self.rollout_step])
         exp = self.experience(rows)
         rollout, raw_scores, kl, mask = exp.rollout, exp.raw_scores, exp.kl, exp.mask
         t_gen, t_score = exp.gen_time_s, exp.score_time_s
-        ids, attn, start = rollout.input_ids, rollout.attention_mask, rollout.response_start
-        update_metrics = self._update(ids, attn, start, mask, exp.old_logp, exp.ref_logp, exp.advantages, exp.returns,
-                                      exp.old_values)
+        update_metrics = self._update(exp)
         t_update = time.perf_counter() - t0 - t_gen - t_score
 
         seq_kl = kl.sum(1)  # the configured estimator, summed over response tokens
@@ -205,42 +282,71 @@ class OnlineRLModule(L.LightningModule):
             baseline = b[rollout.group_index]
         return scores, raw, baseline
 
-    def policy_logprobs(self, ids, attn, start, return_entropy: bool = False):
+    def layout(self, ids, attn, start) -> ResponseLayout:
+        """How a batch of rollout rows runs through the models (packed when they all allow it)."""
+        return layout_responses(ids, attn, start, pack=self.pack)
+
+    def policy_logprobs(self, ids, attn, start, return_entropy: bool = False, layout: ResponseLayout | None = None):
         """The training forward: log-probs (with gradient) of the response tokens under the
         policy at the sampling temperature, the same distribution the rollout reported."""
-        return sequence_logprobs(self.policy, ids, attn, start, self.acfg.temperature, return_entropy=return_entropy)
+        layout = layout if layout is not None else self.layout(ids, attn, start)
+        return sequence_logprobs(self.policy, ids, attn, start, self.acfg.temperature, return_entropy=return_entropy,
+                                 layout=layout)
 
-    def _values(self, ids, attn, start):
-        values = self.value_model(ids, attn, position_ids=position_ids_from_mask(attn))
-        return values[:, start - 1: ids.shape[1] - 1]
+    def _values(self, layout: ResponseLayout):
+        """The critic's value of the state before each response token, [N, R] (0 outside the responses)."""
+        return layout.select(self.value_model(**layout.model_inputs(self.value_model)))
 
-    def _update(self, ids, attn, start, mask, old_logp, ref_logp, adv, returns, old_values) -> dict:
+    def _entropy_due(self) -> bool:
+        """Entropy is a diagnostic: computed on the rollout steps whose metrics the hook reads
+        (every ``trainer.log_every_n_steps``), the first and the last."""
+        step = self.rollout_step + 1
+        every = max(1, int(getattr(self.trainer, "log_every_n_steps", 1) or 1))
+        per_step = self.acfg.ppo_epochs * self.acfg.num_mini_batches
+        last = (self.trainer.max_steps // per_step) if self.trainer.max_steps and self.trainer.max_steps > 0 else -1
+        return step == 1 or step % every == 0 or step == last
+
+    def _minibatches(self, exp: Experience, g: torch.Generator):
+        """(row indices or None for all rows, layout) of one epoch; a single minibatch is the whole
+        batch in rollout order and reuses the experience's layout."""
+        n, n_mb = len(exp.rollout), self.acfg.num_mini_batches
+        if n_mb == 1:
+            return [(None, exp.layout)]
+        r = exp.rollout
+        ids, attn, start = r.input_ids, r.attention_mask, r.response_start
+        perm = torch.randperm(n, generator=g).to(ids.device)
+        return [(mb, self.layout(ids[mb], attn[mb], start)) for mb in perm.chunk(n_mb)]
+
+    def _update(self, exp: Experience) -> dict:
         acfg = self.acfg
         opt = self.optimizers()
-        n = ids.shape[0]
-        n_mb = acfg.num_mini_batches
-        stats: dict[str, list[float]] = {}
+        entropy = self._entropy_due()
+        stats: dict[str, list[torch.Tensor]] = {}
         g = torch.Generator().manual_seed(self.seed * 7919 + self.rollout_step)
+        r = exp.rollout
+        ids, attn, start = r.input_ids, r.attention_mask, r.response_start
         for _ in range(acfg.ppo_epochs):
-            perm = torch.randperm(n, generator=g).to(ids.device)
-            for mb in perm.chunk(n_mb):
-                logp, entropy = self.policy_logprobs(ids[mb], attn[mb], start, return_entropy=True)
-                loss, m = self.policy_loss(logp=logp, old_logp=old_logp[mb], advantages=adv[mb],
-                                           response_mask=mask[mb], cliprange=acfg.cliprange,
-                                           agg_mode=acfg.loss_agg_mode)
+            for mb, layout in self._minibatches(exp, g):
+                rows = (lambda x: x) if mb is None else (lambda x, mb=mb: x[mb])  # noqa: E731
+                mask = rows(exp.mask)
+                out = self.policy_logprobs(rows(ids), rows(attn), start, return_entropy=entropy, layout=layout)
+                logp, ent = out if entropy else (out, None)
+                loss, m = self.policy_loss(logp=logp, old_logp=rows(exp.old_logp), advantages=rows(exp.advantages),
+                                           response_mask=mask, cliprange=acfg.cliprange, agg_mode=acfg.loss_agg_mode)
                 m = {f"policy/{k}": v for k, v in m.items()}
                 m["policy/pg_loss"] = loss.detach()
                 if acfg.kl_penalty == "loss":
-                    kl_loss = agg_loss(self.kl_fn(logp, ref_logp[mb]), mask[mb], acfg.loss_agg_mode)
+                    kl_loss = agg_loss(self.kl_fn(logp, rows(exp.ref_logp)), mask, acfg.loss_agg_mode)
                     loss = loss + self.kl_ctl.value * kl_loss
                     m["policy/kl_loss"] = kl_loss.detach()
                 if self.value_model is not None:
-                    values = self._values(ids[mb], attn[mb], start)
-                    vf_loss, vm = value_loss(values, old_values[mb], returns[mb], mask[mb], acfg.cliprange_value,
-                                             acfg.loss_agg_mode)
+                    values = self._values(layout)
+                    vf_loss, vm = value_loss(values, rows(exp.old_values), rows(exp.returns), mask,
+                                             acfg.cliprange_value, acfg.loss_agg_mode)
                     loss = loss + acfg.vf_coef * vf_loss
                     m.update({"value/loss": vf_loss.detach(), **{f"value/{k}": v for k, v in vm.items()}})
-                m["policy/entropy"] = masked_mean(entropy.detach(), mask[mb])
+                if ent is not None:
+                    m["policy/entropy"] = masked_mean(ent.detach(), mask)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"loss became {float(loss)} at rollout step {self.rollout_step}", where="rl",
                                         fix="lower rl.optim.lr or algorithm.kl_coef, or set algorithm.reward_clip")
@@ -251,10 +357,12 @@ class OnlineRLModule(L.LightningModule):
                 opt.step()
                 m["train/loss"] = loss.detach()
                 for k, v in m.items():
-                    stats.setdefault(k, []).append(float(v))
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
-        if old_values is not None:
-            ev = float(explained_variance(old_values, returns, mask))
+                    stats.setdefault(k, []).append(v)
+        # one conversion per metric, not one per metric and minibatch
+        out = dict(zip(stats, torch.stack([torch.stack([torch.as_tensor(x, dtype=torch.float32) for x in v]).mean()
+                                           for v in stats.values()]).tolist()))
+        if exp.old_values is not None:
+            ev = float(explained_variance(exp.old_values, exp.returns, exp.mask))
             if math.isfinite(ev):  # undefined (NaN) when the returns have no variance
                 out["value/explained_var"] = ev
         return out

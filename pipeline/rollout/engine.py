@@ -39,14 +39,18 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from pipeline.models.packing import accepts_packed, attention_mask_for, pack_trees, token_logprobs
+from pipeline.models.policy import reference_of
 
 __all__ = [
     "SamplingParams",
     "RolloutBatch",
     "RolloutEngine",
     "HFRolloutEngine",
+    "ResponseLayout",
+    "layout_responses",
     "sequence_logprobs",
     "reference_logprobs",
     "position_ids_from_mask",
@@ -294,6 +298,131 @@ def _call(model: Any, logits_to_keep: int | None = None, **kwargs: Any) -> Any:
     return model(**kwargs)
 
 
+#: a tree (a prompt and the responses that share it) grows up to this many tokens (or the longest
+#: sequence), then the prompt's remaining responses start another: attention costs O(width^2)
+PACK_WIDTH = 128
+
+
+@dataclass
+class ResponseLayout:
+    """The response tokens of a ``[N, P+R]`` training batch (left-padded prompts, right-padded
+    responses, as :class:`RolloutBatch` gives them) laid out for one forward pass.
+
+    **Packed** (when the model takes a packed batch, :func:`pipeline.models.packing.accepts_packed`):
+    each distinct prompt once, its responses as branches of a tree (:func:`pack_trees`; a tree
+    holds at most ``max(PACK_WIDTH, longest sequence)`` tokens), trees packed first-fit into
+    rows as wide as the largest tree, with little padding; a GRPO batch of 4 responses per
+    prompt computes each prompt once instead of 4 times. **Padded**: the batch
+    itself, with the columns that are padding in every row cut off. Either way ``src_row`` /
+    ``src_col`` are the positions whose outputs predict the response tokens ``targets``, and
+    ``dest`` their flat index in the ``[N, R]`` response grid. Build it once per batch with
+    :func:`layout_responses`; every model that reads the batch in a step (policy, reference,
+    critic) reuses it.
+    """
+
+    input_ids: Tensor
+    #: ``[rows, W]`` padding mask (padded) or ``[rows, 1, W, W]`` bool tree mask (packed)
+    attention_mask: Tensor
+    position_ids: Tensor
+    src_row: Tensor
+    src_col: Tensor
+    targets: Tensor
+    dest: Tensor
+    #: ``(N, R)`` of the response grid
+    shape: tuple[int, int]
+
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask.ndim == 4
+
+    def model_inputs(self, model: Any) -> dict[str, Tensor]:
+        """``input_ids``, ``attention_mask`` (in the form ``model`` takes), ``position_ids``."""
+        if self.packed:
+            return {"input_ids": self.input_ids, "attention_mask": attention_mask_for(model, self.attention_mask),
+                    "position_ids": self.position_ids}
+        inputs = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        accepted = _forward_kwargs(model)
+        if "position_ids" in accepted or "kwargs" in accepted:
+            inputs["position_ids"] = self.position_ids
+        return inputs
+
+    def unpack(self, values: Tensor) -> Tensor:
+        """``[T]`` values of the response tokens -> ``[N, R]``, 0 outside the responses (differentiable)."""
+        n, r = self.shape
+        return values.new_zeros(n * r).index_put((self.dest,), values).view(n, r)
+
+    def select(self, per_position: Tensor) -> Tensor:
+        """``[rows, W]`` outputs of every position (a critic's values) -> ``[N, R]`` at the positions
+        that predict the response tokens, 0 elsewhere."""
+        return self.unpack(per_position[self.src_row, self.src_col])
+
+
+def layout_responses(
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_start: int,
+    *,
+    pack: bool = True,
+    share_prompts: bool = True,
+    width: int = PACK_WIDTH,
+) -> ResponseLayout:
+    """The :class:`ResponseLayout` of a training batch: packed when ``pack`` (and the masks are a
+    left-padded prompt and a right-padded response), sequences with the same prompt sharing it
+    when ``share_prompts``; otherwise padded, trimmed to the columns some row uses."""
+    if response_start < 1:
+        raise ValueError("response_start must be >= 1 (the response needs a prompt token before it)")
+    n, seq_len = input_ids.shape
+    r = seq_len - response_start
+    pm, rm = attention_mask[:, :response_start] != 0, attention_mask[:, response_start:] != 0
+    device = input_ids.device
+    contiguous = bool((pm[:, 1:] >= pm[:, :-1]).all()) and bool((rm[:, 1:] <= rm[:, :-1]).all())
+    if pack and contiguous and n:
+        plen, rlen = pm.sum(1).tolist(), rm.sum(1).tolist()
+        if share_prompts:
+            keys = torch.unique(input_ids[:, :response_start].masked_fill(~pm, -1), dim=0, return_inverse=True)[1]
+            keys = keys.tolist()
+        else:
+            keys = list(range(n))
+        groups: dict[int, list[int]] = {}
+        for i, k in enumerate(keys):
+            groups.setdefault(k, []).append(i)
+        ids = input_ids.tolist()
+        width = max(width, max(p + q for p, q in zip(plen, rlen)))
+        trees, members = [], []
+        for rows in groups.values():
+            prompt = ids[rows[0]][response_start - plen[rows[0]]:response_start]
+            cur: list[int] = []
+            size = len(prompt)
+            for i in rows:  # a prompt with many or long responses is split over several trees
+                if cur and size + rlen[i] > width:
+                    trees.append((prompt, [ids[j][response_start:response_start + rlen[j]] for j in cur]))
+                    members.append(cur)
+                    cur, size = [], len(prompt)
+                cur.append(i)
+                size += rlen[i]
+            trees.append((prompt, [ids[j][response_start:response_start + rlen[j]] for j in cur]))
+            members.append(cur)
+        packed = pack_trees(trees, 0)  # rows as wide as the largest tree
+        first = torch.tensor([0] + [len(m) for m in members[:-1]]).cumsum(0)
+        row_of = torch.tensor([i for m in members for i in m], dtype=torch.long)
+        rows_t = row_of[first[packed["tree"]] + packed["branch"]]
+        return ResponseLayout(
+            input_ids=packed["input_ids"].to(device), attention_mask=packed["attention_mask"].to(device),
+            position_ids=packed["position_ids"].to(device), src_row=packed["src_row"].to(device),
+            src_col=packed["src_col"].to(device), targets=packed["targets"].to(device),
+            dest=(rows_t * r + packed["offset"]).to(device), shape=(n, r))
+    # padded: drop columns that are padding in every row
+    used = pm.any(0)
+    p0 = int(used.long().argmax()) if bool(used.any()) else 0
+    r1 = int(rm.any(0).nonzero().max()) + 1 if bool(rm.any()) else 0
+    ids, mask = input_ids[:, p0:response_start + r1], attention_mask[:, p0:response_start + r1]
+    start = response_start - p0
+    rows, t = rm[:, :r1].nonzero(as_tuple=True)
+    return ResponseLayout(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), src_row=rows,
+        src_col=start - 1 + t, targets=ids[rows, start + t], dest=rows * r + t, shape=(n, r))
+
+
 def sequence_logprobs(
     model: Any,
     input_ids: Tensor,
@@ -302,6 +431,7 @@ def sequence_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     entropy_grad: bool = False,
+    layout: ResponseLayout | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Per-token log-probs of the response tokens in one training-style forward pass.
 
@@ -313,38 +443,20 @@ def sequence_logprobs(
     ``return_entropy=True`` also the entropies ``[N, R]`` of the same
     distributions (without gradient unless ``entropy_grad=True``). Gradients
     flow through the log-probs; wrap in ``torch.no_grad()`` for reference log-probs.
+
+    The batch runs packed when the model allows it (:class:`ResponseLayout`; pass ``layout``
+    to reuse one across models) and the LM head only on the positions that predict response
+    tokens (:func:`pipeline.models.packing.token_logprobs`): the numbers are those of the
+    padded batch up to float rounding.
     """
-    if response_start < 1:
-        raise ValueError("sequence_logprobs: response_start must be >= 1 (the response needs a prompt token before it)")
-    seq_len = input_ids.shape[1]
-    resp_len = seq_len - response_start
-    out = _call(
-        model,
-        logits_to_keep=resp_len + 1,
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    )
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    # logits for position j predict token j+1; keep positions response_start-1 .. seq_len-2
-    logits = logits[:, -(resp_len + 1) : -1, :].float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, response_start:]
-    resp_mask = attention_mask[:, response_start:].to(logits.dtype)
-    lse = torch.logsumexp(logits, dim=-1)
-    logprobs = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse) * resp_mask
-    if not return_entropy:
-        return logprobs
-    # entropy is a diagnostic: no graph over [N, R, V] unless asked for (entropy bonus)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        logp = logits - lse.unsqueeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1) * resp_mask
-    return logprobs, entropy
+    if layout is None:
+        layout = layout_responses(input_ids, attention_mask, response_start, pack=accepts_packed(model))
+    logp, ent = token_logprobs(model, layout.model_inputs(model), layout.src_row, layout.src_col, layout.targets,
+                               temperature, return_entropy, entropy_grad)
+    logp = layout.unpack(logp)
+    return (logp, layout.unpack(ent)) if return_entropy else logp
 
 
-@torch.no_grad()
 def reference_logprobs(
     policy: Any,
     ref_model: Any | None,
@@ -352,18 +464,19 @@ def reference_logprobs(
     attention_mask: Tensor,
     response_start: int,
     temperature: float = 1.0,
+    layout: ResponseLayout | None = None,
 ) -> Tensor:
-    """:func:`sequence_logprobs` under the reference policy, without gradient.
+    """:func:`sequence_logprobs` under the reference policy, under ``torch.inference_mode``.
 
     The reference is ``ref_model``, or, when it is ``None``, ``policy`` itself with its
     LoRA adapters disabled (the PEFT reference: no second copy of the weights in memory).
+    The result is an ordinary tensor (usable next to tensors that need gradients).
     """
-    if ref_model is not None:
-        return sequence_logprobs(ref_model, input_ids, attention_mask, response_start, temperature)
-    if not hasattr(policy, "disable_adapter"):
+    if ref_model is None and not hasattr(policy, "disable_adapter"):
         raise ValueError("reference_logprobs: no reference model given and the policy has no adapters to disable")
-    with policy.disable_adapter():
-        return sequence_logprobs(policy, input_ids, attention_mask, response_start, temperature)
+    with torch.inference_mode(), reference_of(policy, ref_model) as model:
+        lp = sequence_logprobs(model, input_ids, attention_mask, response_start, temperature, layout=layout)
+    return lp.clone()
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -659,6 +772,7 @@ class HFRolloutEngine:
 
         # running (compacted) batch state
         active = torch.arange(rows, device=device)  # full-batch row of each running row
+        at: slice | Tensor = slice(None)  # the same as an index: a slice until rows are first dropped (cheaper)
         attn = torch.cat(
             [prompt_mask.repeat_interleave(n, dim=0), torch.ones((rows, max_new), dtype=torch.long, device=device)],
             dim=1,
@@ -688,19 +802,20 @@ class HFRolloutEngine:
                 if stop_ids is not None and t < params.min_new_tokens:
                     sample_logits = sample_logits.index_fill(-1, stop_ids, float("-inf"))
                 tok = sample_logits.argmax(dim=-1)
-            # raw log-prob of the token under the temperature-scaled policy
-            lp = scaled.gather(-1, tok.unsqueeze(1)).squeeze(1) - torch.logsumexp(scaled, dim=-1)
+            # raw log-prob of the token under the temperature-scaled policy (the fused log_softmax
+            # kernel: on CPU logsumexp takes several passes over the [rows, vocab] block)
+            lp = torch.log_softmax(scaled, dim=-1).gather(-1, tok.unsqueeze(1)).squeeze(1)
 
             if n_done:
                 tok = torch.where(done, pad_t, tok)
                 lp = lp.masked_fill(done, 0.0)
-            resp[active, t] = tok
-            logprobs[active, t] = lp
-            resp_mask[active, t] = (~done).long()
+            resp[at, t] = tok
+            logprobs[at, t] = lp
+            resp_mask[at, t] = (~done).long()
             steps = t + 1
             if stop_ids is not None:
                 hit = torch.isin(tok, stop_ids) & ~done
-                has_eos[active] |= hit
+                has_eos[at] |= hit
                 done = done | hit
                 n_done = int(done.sum().item())
                 if n_done == done.shape[0]:
@@ -714,6 +829,7 @@ class HFRolloutEngine:
                 if mix_cache is not None:
                     mix_cache = self._select_cache(mix_cache, keep)
                 active, attn, next_pos, tok = active[keep], attn[keep], next_pos[keep], tok[keep]
+                at = active
                 done = done[keep]
                 n_done = 0
             step_mask = attn[:, : plen + t + 1]

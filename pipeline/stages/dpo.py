@@ -30,6 +30,7 @@ from pipeline.config import plain
 from pipeline.config.schema import DPOConfig
 from pipeline.data import (
     PreferenceCollator,
+    ResumableLoader,
     load_preference_examples,
     seeded_generator,
     split_holdout,
@@ -37,12 +38,13 @@ from pipeline.data import (
 )
 from pipeline.data.collate import check_on_long_prompt
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation import heldout_source, write_heldout
 from pipeline.models.loading import count_parameters, resolve_tokenizer, save_pretrained
 from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
 from pipeline.modules.dpo import DPOModule, LossSpec, heldout_metrics, reference_logps
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
-from pipeline.training import RecordSteps, build_trainer, trained_steps
+from pipeline.training import RecordSteps, build_trainer, fit, trained_steps
 
 #: artifact-store kind of cached reference log-probs, and the file holding them
 REF_KIND = "ref_logps"
@@ -136,6 +138,7 @@ class DPOStage(Stage):
         else:
             examples = build_task(self.cfg.task).preference_examples("pref")
         train, val = split_holdout(examples, dcfg.eval_fraction, self.cfg.seed)
+        self.heldout_pairs = val if dcfg.path else None  # evaluation follows the user's data
         tok = lambda ex: tokenize_preferences(ex, tokenizer, self.cfg.model.max_length, where="dpo.data",
                                               on_long_prompt=dcfg.on_long_prompt) if ex else []
         return tok(train), tok(val)
@@ -205,6 +208,9 @@ class DPOStage(Stage):
         train_rows, val_rows = self._pairs(tokenizer)
         if not train_rows:
             raise DataError("no preference pairs to train on", where="dpo.data")
+        if self.heldout_pairs is not None:
+            write_heldout(work_dir, pairs=self.heldout_pairs, source=heldout_source(
+                dcfg.data.path, dcfg.data.eval_fraction, len(self.heldout_pairs)))
         ref_model = self._reference_model(loss, tokenizer)
         policy = apply_lora(policy, dcfg.lora)
         collate = PreferenceCollator(tokenizer.pad_token_id, row_length=cfg.model.max_length)
@@ -214,14 +220,15 @@ class DPOStage(Stage):
             ref_model = None  # not kept in memory while training
             reference = f"precomputed ({reference})"
         gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
-        train_loader = DataLoader(train_rows, batch_size=dcfg.batch_size, shuffle=True, collate_fn=collate,
+        train_loader = ResumableLoader(train_rows, batch_size=dcfg.batch_size, shuffle=True, collate_fn=collate,
                                   generator=gen)
         val_loader = (DataLoader(val_rows, batch_size=dcfg.eval_batch_size, collate_fn=collate) if val_rows else None)
         module = DPOModule(policy, loss, dcfg.optim, ref_model=ref_model)
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_epochs=dcfg.max_epochs,
                                 max_steps=dcfg.max_steps, accumulate_grad_batches=dcfg.gradient_accumulation_steps,
-                                hook=self.hook, checkpoint=dcfg.checkpoint, callbacks=[RecordSteps()])
-        trainer.fit(module, train_loader, val_loader)
+                                hook=self.hook, checkpoint=dcfg.checkpoint, callbacks=[RecordSteps()],
+                                resume=self.resume)
+        fit(trainer, module, train_loader, val_loader)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if val_loader is not None:
             metrics.update(heldout_metrics(module, val_loader))

@@ -13,16 +13,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from pipeline.algorithms.preference_losses import PREFERENCE_LOSSES, validate_loss_config
 from pipeline.config import plain
 from pipeline.config.schema import NLHFAlgorithmConfig, PreferenceLossOptions
-from pipeline.data import fit_prompt_rows, load_prompt_rows, seeded_generator
+from pipeline.data import ResumableLoader, load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
-from pipeline.models.loading import context_length, save_pretrained
-from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
+from pipeline.models.loading import save_pretrained
+from pipeline.models.policy import trainable_policy
 from pipeline.models.preference import PreferenceScorer
 from pipeline.models.reward import RewardScorer
 from pipeline.modules.nlhf import OnlinePreferenceModule, frozen_copy
@@ -30,7 +28,7 @@ from pipeline.modules.online_objectives import ONLINE_OBJECTIVES
 from pipeline.scoring import JUDGES
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
-from pipeline.training import build_trainer
+from pipeline.training import build_trainer, fit
 
 UPDATES = ("plain", "extragradient")
 #: the algorithm settings an objective may read (declared per objective as ``options``)
@@ -148,33 +146,19 @@ class NLHFStage(Stage):
         if cfg.nlhf.data.path:  # format, columns, message lists (lengths need the policy's tokenizer: at the start)
             load_prompt_rows(cfg.nlhf.data, key="nlhf.data")
 
-    def _prompt_rows(self, task, policy, tokenizer) -> tuple[list[dict], int | None]:
-        """The prompts (chat messages rendered like SFT renders them) and the prompt-token limit for
-        the rollout engine; a user's prompts are checked against the model's context first
-        (``nlhf.data.on_long_prompt``)."""
-        dcfg = self.cfg.nlhf.data
-        if not dcfg.path:
-            return task.prompts("rl"), None
-        rows = load_prompt_rows(dcfg, key="nlhf.data", tokenizer=tokenizer)
-        return fit_prompt_rows(rows, tokenizer, context_length(policy), self.cfg.algorithm.max_new_tokens,
-                               "nlhf.data", dcfg.on_long_prompt)
-
     def run(self, work_dir: Path) -> dict:
         cfg, acfg, ncfg = self.cfg, self.cfg.algorithm, self.cfg.nlhf
         task = build_task(cfg.task)
         start = self.input("policy")
-        policy, tokenizer = policy_from_artifact(start)
-        disable_dropout(policy)
-        ref_policy = None
-        if ncfg.lora.enabled:  # the reference is the same model with its adapters disabled
-            policy = apply_lora(policy, ncfg.lora)
-        else:
-            ref_policy, _ = policy_from_artifact(start)
+        policy, tokenizer, ref_policy = trainable_policy(start, ncfg.lora)  # ref None: LoRA adapters off
         judge, judge_name = self._judge(task)
-        rows, max_prompt_length = self._prompt_rows(task, policy, tokenizer)
-        loader = DataLoader(rows, batch_size=ncfg.prompts_per_step, shuffle=True,
-                            drop_last=len(rows) >= ncfg.prompts_per_step, collate_fn=list,
-                            generator=seeded_generator(cfg.seed))
+        if ncfg.data.path:  # the user's prompts: a held-out part is published for the evaluation
+            rows, _, max_prompt_length = self.user_prompts("nlhf", policy, tokenizer, acfg.max_new_tokens, work_dir)
+        else:
+            rows, max_prompt_length = task.prompts("rl"), None
+        loader = ResumableLoader(rows, batch_size=ncfg.prompts_per_step, shuffle=True,
+                                 drop_last=len(rows) >= ncfg.prompts_per_step, collate_fn=list,
+                                 generator=seeded_generator(cfg.seed))
         evaluator = self._evaluator(task, tokenizer, ref_policy)
         module = OnlinePreferenceModule(policy, tokenizer, judge, acfg, ncfg, ref_policy=ref_policy,
                                         loss_options=loss_options(acfg), evaluate_fn=evaluator, work_dir=work_dir,
@@ -183,8 +167,8 @@ class NLHFStage(Stage):
         per_iteration = 2 * acfg.inner_steps if acfg.update_rule == "extragradient" else 1
         iterations = ncfg.rounds * ncfg.steps_per_round
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_steps=iterations * per_iteration,
-                                max_epochs=-1, hook=self.hook, gradient_clip=False)
-        trainer.fit(module, loader)
+                                max_epochs=-1, hook=self.hook, gradient_clip=False, resume=self.resume)
+        fit(trainer, module, loader)
         save_pretrained(module.policy, tokenizer, work_dir / "model")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         metrics["train/steps"] = int(metrics.pop("train/rollout_step", module.rollout_step))

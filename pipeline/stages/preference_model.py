@@ -20,16 +20,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.algorithms.preference_losses import logistic_nll
-from pipeline.data import PairCollator, load_preference_examples, seeded_generator, split_holdout, tokenize_comparisons
+from pipeline.data import PairCollator, ResumableLoader, load_preference_examples, seeded_generator, split_holdout, tokenize_comparisons
 from pipeline.errors import ConfigError, DataError
-from pipeline.evaluation import expected_calibration_error
+from pipeline.evaluation import expected_calibration_error, heldout_source, write_heldout
 from pipeline.models.loading import count_parameters, resolve_tokenizer
 from pipeline.models.preference import META, PreferenceModel
 from pipeline.models.reward import classifier_source
 from pipeline.modules.preference import PreferenceModule
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
-from pipeline.training import RecordSteps, build_trainer, trained_steps
+from pipeline.training import RecordSteps, build_trainer, fit, trained_steps
 
 INIT_CHOICES = ("sft", "model")
 
@@ -103,19 +103,22 @@ class PreferenceModelStage(Stage):
         train, val, task = self._data(tokenizer)
         if not train:
             raise DataError("no preference pairs to train on", where="preference_model.data")
+        if pcfg.data.path:  # evaluation follows the user's data
+            write_heldout(work_dir, pairs=val, source=heldout_source(pcfg.data.path, pcfg.data.eval_fraction, len(val)))
         where = "preference_model.data"
         collate = PairCollator(tokenizer.pad_token_id)
         gen = seeded_generator(self.cfg.seed)
         rows = lambda ex: comparison_rows(ex, tokenizer, max_length, where, pcfg.data.on_long_prompt)
-        train_loader = DataLoader(rows(train), batch_size=pcfg.batch_size, shuffle=True, collate_fn=collate,
+        train_loader = ResumableLoader(rows(train), batch_size=pcfg.batch_size, shuffle=True, collate_fn=collate,
                                   generator=gen)
         val_rows = rows(val) if val else []
         val_loader = DataLoader(val_rows, batch_size=64, collate_fn=collate) if val_rows else None
         module = PreferenceModule(PreferenceModel(backbone), pcfg.optim)
         trainer = build_trainer(self.cfg, stage=self.name, work_dir=work_dir, max_epochs=pcfg.max_epochs,
                                 max_steps=pcfg.max_steps, accumulate_grad_batches=pcfg.gradient_accumulation_steps,
-                                hook=self.hook, checkpoint=pcfg.checkpoint, callbacks=[RecordSteps()])
-        trainer.fit(module, train_loader, val_loader)
+                                hook=self.hook, checkpoint=pcfg.checkpoint, callbacks=[RecordSteps()],
+                                resume=self.resume)
+        fit(trainer, module, train_loader, val_loader)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         model = module.model.cpu().eval()
         if val_loader is not None:

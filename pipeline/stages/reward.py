@@ -9,14 +9,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.algorithms.reward_losses import bradley_terry_loss
-from pipeline.data import PairCollator, load_preference_examples, seeded_generator, split_holdout, tokenize_pairs
+from pipeline.data import PairCollator, ResumableLoader, load_preference_examples, seeded_generator, split_holdout, tokenize_pairs
 from pipeline.errors import ConfigError, DataError
+from pipeline.evaluation import heldout_source, write_heldout
 from pipeline.models.loading import check_model_config, count_parameters, resolve_tokenizer
 from pipeline.models.reward import META, RewardEnsemble, RewardScorer, classifier_source
 from pipeline.modules.reward import RewardModule
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
-from pipeline.training import RecordSteps, build_trainer, trained_steps
+from pipeline.training import RecordSteps, build_trainer, fit, trained_steps
 
 INIT_CHOICES = ("sft", "model")
 
@@ -97,6 +98,7 @@ class RewardStage(Stage):
         if rcfg.data.path:
             used = [examples[r["index"]] for r in train]
             reference = [(e.prompt, e.chosen) for e in used] + [(e.prompt, e.rejected) for e in used]
+            self.heldout_pairs = [examples[r["index"]] for r in val]  # evaluation follows the user's data
         else:
             reference = [(e.prompt, e.completion) for e in task.sft_examples("eval")]
         # bootstrap weights are keyed by the position in the training set
@@ -106,20 +108,25 @@ class RewardStage(Stage):
     def run(self, work_dir: Path) -> dict:
         rcfg = self.cfg.reward
         members, tokenizer, max_length = self._members(rcfg.ensemble_size)
+        self.heldout_pairs = None
         train, val, reference = self._data(tokenizer, max_length)
         if not train:
             raise DataError("no preference pairs to train on", where="reward.data")
+        if self.heldout_pairs is not None:
+            write_heldout(work_dir, pairs=self.heldout_pairs, source=heldout_source(
+                rcfg.data.path, rcfg.data.eval_fraction, len(self.heldout_pairs)))
         collate = PairCollator(tokenizer.pad_token_id)
         gen = seeded_generator(self.cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
-        train_loader = DataLoader(train, batch_size=rcfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+        train_loader = ResumableLoader(train, batch_size=rcfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
         val_loader = DataLoader(val, batch_size=64, collate_fn=collate) if val else None
         ensemble = RewardEnsemble(members)
         module = RewardModule(ensemble, rcfg.optim, center_coef=rcfg.center_rewards_coefficient,
                               use_margin=rcfg.use_margin, seed=self.cfg.seed)
         trainer = build_trainer(self.cfg, stage=self.name, work_dir=work_dir, max_epochs=rcfg.max_epochs,
                                 max_steps=rcfg.max_steps, accumulate_grad_batches=rcfg.gradient_accumulation_steps,
-                                hook=self.hook, checkpoint=rcfg.checkpoint, callbacks=[RecordSteps()])
-        trainer.fit(module, train_loader, val_loader)
+                                hook=self.hook, checkpoint=rcfg.checkpoint, callbacks=[RecordSteps()],
+                                resume=self.resume)
+        fit(trainer, module, train_loader, val_loader)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
         ensemble = module.ensemble.cpu().eval()

@@ -12,23 +12,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from pipeline.algorithms import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, POLICY_LOSSES, requirements
 from pipeline.config import plain
 from pipeline.config.schema import AlgorithmConfig
-from pipeline.data import fit_prompt_rows, load_prompt_rows, seeded_generator
+from pipeline.data import ResumableLoader, load_prompt_rows, seeded_generator
 from pipeline.errors import ConfigError
 from pipeline.evaluation import HeldOutEvaluator
-from pipeline.models.loading import context_length, save_pretrained
-from pipeline.models.policy import apply_lora, disable_dropout, policy_from_artifact
+from pipeline.models.loading import save_pretrained
+from pipeline.models.policy import trainable_policy
 from pipeline.models.reward import RewardScorer
 from pipeline.models.value import build_critic
 from pipeline.modules.rl import OnlineRLModule
+from pipeline.modules.schedule import SCHEDULABLE, parse_schedule
 from pipeline.scoring import REWARD_SOURCES, GoldScorer, build_scorer
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
-from pipeline.training import build_trainer
+from pipeline.training import build_trainer, fit
 
 
 def validate_batch_sizes(cfg) -> None:
@@ -64,10 +63,13 @@ class RLStage(Stage):
     headline = ("rollout/reward_mean", "rollout/gold_reward", "policy/kl", "eval/gold_reward", "eval/proxy_reward",
                 "eval/kl", "train/steps")
     algorithm_schema = AlgorithmConfig
+    schedule_key = "rl.schedule"
+    schedulable = tuple(SCHEDULABLE)
 
     @classmethod
     def validate(cls, cfg, spec) -> None:
         validate_batch_sizes(cfg)
+        parse_schedule(cfg.rl.schedule, cfg.rl.total_steps)
         ADVANTAGE_ESTIMATORS.get(cfg.algorithm.advantage_estimator, key="algorithm.advantage_estimator")
         POLICY_LOSSES.get(cfg.algorithm.policy_loss, key="algorithm.policy_loss")
         KL_ESTIMATORS.get(cfg.algorithm.kl_estimator, key="algorithm.kl_estimator")
@@ -81,29 +83,11 @@ class RLStage(Stage):
         if cfg.rl.data.path:  # format, columns, message lists (lengths need the policy's tokenizer: at the start)
             load_prompt_rows(cfg.rl.data, key="rl.data")
 
-    def _prompt_rows(self, task, policy, tokenizer) -> tuple[list[dict], int | None]:
-        """The prompts (chat messages rendered like SFT renders them) and the prompt-token limit
-        for the rollout engine (None: no truncation). Checked against the model's context
-        before the first rollout: ``rl.data.on_long_prompt`` errors (naming file:line), drops or
-        truncates prompts that leave no room for ``algorithm.max_new_tokens``."""
-        dcfg, acfg = self.cfg.rl.data, self.cfg.algorithm
-        if not dcfg.path:
-            return task.prompts("rl"), None
-        rows = load_prompt_rows(dcfg, key="rl.data", tokenizer=tokenizer)
-        return fit_prompt_rows(rows, tokenizer, context_length(policy), acfg.max_new_tokens, "rl.data",
-                               dcfg.on_long_prompt)
-
     def run(self, work_dir: Path) -> dict:
         cfg, acfg, rcfg = self.cfg, self.cfg.algorithm, self.cfg.rl
         task = build_task(cfg.task)
         sft = self.input("policy")
-        policy, tokenizer = policy_from_artifact(sft)
-        disable_dropout(policy)
-        ref_policy = None
-        if rcfg.lora.enabled:  # the reference is the same model with its adapters disabled
-            policy = apply_lora(policy, rcfg.lora)
-        else:
-            ref_policy, _ = policy_from_artifact(sft)
+        policy, tokenizer, ref_policy = trainable_policy(sft, rcfg.lora)  # ref None: LoRA adapters off
         scorer = build_scorer(cfg, self.inputs, task)
         reward_scorer = getattr(scorer, "reward_scorer", None)
         value_model = None
@@ -112,18 +96,22 @@ class RLStage(Stage):
                 reward_scorer = RewardScorer.from_artifact(self.inputs["reward"])
             value_model = build_critic(policy, tokenizer, reward_scorer, acfg.value_init)
         gold_fn = None if rcfg.data.path else GoldScorer(task)  # gold is defined on the task's prompts
-        rows, max_prompt_length = self._prompt_rows(task, policy, tokenizer)
+        heldout = None
+        if rcfg.data.path:  # the user's prompts: a held-out part for the curve and the evaluation
+            rows, heldout, max_prompt_length = self.user_prompts("rl", policy, tokenizer, acfg.max_new_tokens, work_dir)
+        else:
+            rows, max_prompt_length = task.prompts("rl"), None
         gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loader to workers
-        loader = DataLoader(rows, batch_size=rcfg.prompts_per_step, shuffle=True,
-                            drop_last=len(rows) >= rcfg.prompts_per_step, collate_fn=list, generator=gen)
+        loader = ResumableLoader(rows, batch_size=rcfg.prompts_per_step, shuffle=True,
+                                 drop_last=len(rows) >= rcfg.prompts_per_step, collate_fn=list, generator=gen)
         module = OnlineRLModule(policy, tokenizer, scorer, acfg, rcfg, ref_policy=ref_policy, value_model=value_model,
-                                gold_fn=gold_fn, evaluate_fn=self._evaluator(task, tokenizer, scorer, ref_policy),
+                                gold_fn=gold_fn, evaluate_fn=self._evaluator(task, tokenizer, scorer, ref_policy, heldout),
                                 work_dir=work_dir, grad_clip=cfg.trainer.gradient_clip_val, seed=cfg.seed,
                                 max_prompt_length=max_prompt_length)
         optimizer_steps = rcfg.total_steps * acfg.ppo_epochs * acfg.num_mini_batches  # Lightning counts these
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_steps=optimizer_steps, max_epochs=-1,
-                                hook=self.hook, gradient_clip=False)
-        trainer.fit(module, loader)
+                                hook=self.hook, gradient_clip=False, resume=self.resume)
+        fit(trainer, module, loader)
         save_pretrained(module.policy, tokenizer, work_dir / "model")  # LoRA adapters merged
         # callback_metrics also come back from ddp_spawn workers (module attributes do not)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -137,11 +125,16 @@ class RLStage(Stage):
         self.record["algorithm"] = plain(acfg)
         return metrics
 
-    def _evaluator(self, task, tokenizer, scorer, ref_policy):
+    def _evaluator(self, task, tokenizer, scorer, ref_policy, heldout):
+        """The held-out curve: the task's eval prompts with the gold reward, or (user prompts) the
+        held-out user prompts with the reward model only (no gold reward exists for them)."""
         rcfg = self.cfg.rl
-        if rcfg.eval_every <= 0 or rcfg.data.path:
+        if rcfg.eval_every <= 0 or (heldout is not None and not heldout):
             return None
-        prompts = [r["prompt"] for r in task.prompts("eval", rcfg.eval_prompts)]
-        return HeldOutEvaluator(tokenizer, prompts, gold=task.gold_reward, proxy=getattr(scorer, "reward_scorer", None),
+        if heldout is not None:
+            prompts, gold = [r["prompt"] for r in heldout][:rcfg.eval_prompts], None
+        else:
+            prompts, gold = [r["prompt"] for r in task.prompts("eval", rcfg.eval_prompts)], task.gold_reward
+        return HeldOutEvaluator(tokenizer, prompts, gold=gold, proxy=getattr(scorer, "reward_scorer", None),
                                 reference=ref_policy, max_new_tokens=self.cfg.algorithm.max_new_tokens,
                                 seed=self.cfg.seed)

@@ -5,14 +5,14 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from pipeline.data import SFTCollator, load_sft_examples, seeded_generator, split_holdout, tokenize_sft
+from pipeline.data import ResumableLoader, SFTCollator, load_sft_examples, seeded_generator, split_holdout, tokenize_sft
 from pipeline.errors import DataError
 from pipeline.models.loading import check_model_config, count_parameters, resolve_tokenizer, save_pretrained
 from pipeline.models.policy import apply_lora, base_policy
 from pipeline.modules.sft import SFTModule, heldout_nll
 from pipeline.stages.base import STAGES, Stage
 from pipeline.tasks import build_task
-from pipeline.training import RecordSteps, build_trainer, trained_steps
+from pipeline.training import RecordSteps, build_trainer, fit, trained_steps
 
 
 @STAGES.register("sft")
@@ -50,7 +50,8 @@ class SFTStage(Stage):
             raise DataError("no training examples left after tokenization", where="sft.data")
         collate = SFTCollator(tokenizer.pad_token_id)
         gen = seeded_generator(cfg.seed)  # picklable: ddp_spawn ships the loaders to workers
-        train_loader = DataLoader(train_rows, batch_size=scfg.batch_size, shuffle=True, collate_fn=collate, generator=gen)
+        train_loader = ResumableLoader(train_rows, batch_size=scfg.batch_size, shuffle=True, collate_fn=collate,
+                                       generator=gen)
         val_loader = DataLoader(val_rows, batch_size=64, collate_fn=collate) if val_rows else None
 
         init_nll = heldout_nll(model, val_loader) if val_loader else None
@@ -58,8 +59,9 @@ class SFTStage(Stage):
         module = SFTModule(model, scfg.optim)
         trainer = build_trainer(cfg, stage=self.name, work_dir=work_dir, max_epochs=scfg.max_epochs,
                                 max_steps=scfg.max_steps, accumulate_grad_batches=scfg.gradient_accumulation_steps,
-                                hook=self.hook, checkpoint=scfg.checkpoint, callbacks=[RecordSteps()])
-        trainer.fit(module, train_loader, val_loader)
+                                hook=self.hook, checkpoint=scfg.checkpoint, callbacks=[RecordSteps()],
+                                resume=self.resume)
+        fit(trainer, module, train_loader, val_loader)
         trained = module.model
         if hasattr(trained, "merge_and_unload"):
             trained = trained.merge_and_unload()

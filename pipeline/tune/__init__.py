@@ -5,7 +5,8 @@ Modules: :mod:`~pipeline.tune.spec` (sweep files and their schema), :mod:`~pipel
 sampler, pruner), :mod:`~pipeline.tune.storage` (storage, study lock, heartbeats, budget),
 :mod:`~pipeline.tune.trial` (one trial), :mod:`~pipeline.tune.worker` (the trial loop, local
 workers), :mod:`~pipeline.tune.outputs` (study directory, test seeds), :mod:`~pipeline.tune.progress`
-(console), :mod:`~pipeline.tune.tracking` (W&B).
+(console), :mod:`~pipeline.tune.tracking` (W&B), :mod:`~pipeline.tune.pbt` (population-based training:
+sweeps with a ``pbt:`` section) and :mod:`~pipeline.tune.pb2` (PB2's GP bandit).
 
 From Python::
 
@@ -40,6 +41,10 @@ def run_study(sweep: str, tune=(), overrides=(), *, root=None, config_dirs=(), c
     root = Path(root or Path.cwd()).resolve()
     spec = load_spec(sweep, list(tune), root)
     tuner = Tuner(spec, overrides, root=root, tune_overrides=tune, config_dirs=config_dirs)
+    if spec.pbt is not None:  # population-based training: pipeline/tune/pbt.py
+        from pipeline.tune.pbt import run_population
+
+        return run_population(tuner, console)
     t = tuner.t
     finisher = t.phase == "report" or (t.phase == "all" and t.worker == 0)
     study = tuner.open_study(create=t.phase != "report")

@@ -26,6 +26,8 @@ test_results.json, summary.json).
   python -m pipeline.tune sweep=ppo tune.storage=postgresql://user@host/db   workers on several machines
   python -m pipeline.tune -m sweep=ppo tune.worker=0,1,2,3 hydra/launcher=submitit_slurm tune.storage=...
   python -m pipeline --config-dir outputs/studies/ppo experiment=best        run the best configuration
+  python -m pipeline.tune sweep=ppo_pbt                      population-based training (a sweep with a pbt: section)
+  python -m pipeline --config-dir outputs/studies/ppo_pbt experiment=ppo_pbt_schedule   replay the best schedule
 
 tune.* settings (defaults: pipeline/tune/spec.py): study_name, n_trials, timeout, n_workers,
 sampler (tpe|random|gp|cmaes|nsga2|grid), pruner (hyperband|successive_halving|median|wilcoxon|none),

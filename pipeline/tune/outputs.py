@@ -247,10 +247,15 @@ def _config_dir_context(extra_dir: Path):
 def verify_preset(tuner: Tuner, name: str, trial) -> str | None:
     """None if ``experiment=<name>`` from the study directory plans the trial's stages (first tuning
     seed) with the same fingerprints; else what differs."""
+    return preset_problem(tuner, name, (trial.user_attrs.get("runs") or [{}])[0].get("fingerprints"))
+
+
+def preset_problem(tuner: Tuner, name: str, want: dict | None) -> str | None:
+    """None if ``experiment=<name>`` from the study directory plans stages with the fingerprints
+    ``want`` (stage -> fingerprint); else what differs."""
     from pipeline.config import compose
     from pipeline.run import plan
 
-    want = (trial.user_attrs.get("runs") or [{}])[0].get("fingerprints")
     if not want:
         return None
     try:

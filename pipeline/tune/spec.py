@@ -124,6 +124,39 @@ class TuneSettings:
 
 
 @dataclass
+class PBTSettings:
+    """Population-based training (a sweep's ``pbt:`` section; see pipeline/tune/pbt.py). The space's
+    parameters are the hyperparameters the population explores; they must be ones the stage can
+    change mid-run (``rl.schedule``: pipeline/modules/schedule.py)."""
+
+    #: pbt (perturb or resample the copied values) | pb2 (a GP-UCB bandit picks them: Parker-Holder et al. 2020)
+    method: str = "pbt"
+    #: members trained side by side
+    population: int = 4
+    #: rollout steps per segment: members are ranked, and the bottom ones exploit and explore, every this many
+    segment_steps: int = 10
+    #: the stage trained in segments (null: the only stage with a schedule among those the space changes)
+    stage: Optional[str] = None
+    #: metric ranking members at segment ends, from the stage's logged metrics (null: the first objective's)
+    metric: Optional[str] = None
+    #: rank by metric - kl_penalty x kl_metric (maximised; + for a minimised metric): 0 = the metric alone
+    kl_penalty: float = 0.0
+    kl_metric: str = "eval/kl"
+    #: the bottom fraction of the population copies (exploits) a member of the top fraction
+    quantile: float = 0.25
+    #: PBT explore: a number is multiplied by one of these (then clipped to its range) ...
+    perturb_factors: List[float] = field(default_factory=lambda: [0.8, 1.2])
+    #: ... or, with this probability, resampled from its range (categorical values: always resampled or kept)
+    resample_probability: float = 0.25
+    #: PB2: exploration weight of the upper confidence bound (mean + kappa x std)
+    ucb_kappa: float = 2.0
+    #: PB2: random candidates the bandit scores per choice
+    candidates: int = 256
+    #: seed of the initial population, the exploit partners and the explore draws
+    seed: int = 0
+
+
+@dataclass
 class SweepSpec:
     #: one line on what the sweep is for
     description: str = ""
@@ -138,6 +171,8 @@ class SweepSpec:
     #: parameter values to try first (``[{algorithm.kl_coef: 0.2}]``), e.g. the current defaults
     enqueue: List[Dict[str, Any]] = field(default_factory=list)
     tune: TuneSettings = field(default_factory=TuneSettings)
+    #: population-based training instead of independent trials (null: an Optuna study)
+    pbt: Optional[PBTSettings] = None
     #: filled by the loader: the sweep's name and file
     name: str = ""
     path: str = ""
@@ -479,7 +514,42 @@ def check_settings(spec: SweepSpec, loc: _Locator | None = None) -> None:
     params = parse_space(spec.space, loc)
     if t.sampler.name == "grid":
         check_grid(params, loc)
+    if spec.pbt is not None:
+        check_pbt(spec.pbt, t, loc)
     for i, ov in enumerate(spec.base):
         if str(ov).split("=", 1)[0].lstrip("+~") in ("sweep",) or str(ov).startswith("tune."):
             raise ConfigError(f"{ov!r} is a tuner setting, not a pipeline override", where=loc.where(("base", i)),
                               fix="put tuner settings in the `tune:` section")
+
+
+PBT_METHODS = ("pbt", "pb2")
+
+
+def check_pbt(p: PBTSettings, t: TuneSettings, loc: _Locator) -> None:
+    """The ``pbt:`` settings alone (against the pipeline: pipeline/tune/pbt.py)."""
+    def err(msg, *keys, fix=None):
+        raise ConfigError(msg, where=loc.where(("pbt",) + keys), fix=fix)
+
+    if p.method not in PBT_METHODS:
+        near = closest(p.method, PBT_METHODS)
+        err(f"unknown method {p.method!r}" + (f" (did you mean {near!r}?)" if near else "") + "; choose pbt or pb2",
+            "method")
+    if p.population < 2:
+        err(f"a population needs at least 2 members, got {p.population}", "population")
+    if p.segment_steps < 1:
+        err(f"must be >= 1, got {p.segment_steps}", "segment_steps")
+    if not 0 < p.quantile <= 0.5:
+        err(f"must be in (0, 0.5], got {p.quantile}", "quantile", fix="0.25: the bottom quarter copies the top quarter")
+    if not p.perturb_factors or any(f <= 0 for f in p.perturb_factors):
+        err(f"positive factors needed, got {p.perturb_factors}", "perturb_factors")
+    if not 0 <= p.resample_probability <= 1:
+        err(f"must be in [0, 1], got {p.resample_probability}", "resample_probability")
+    if p.candidates < 1 or p.ucb_kappa < 0:
+        err("candidates must be >= 1 and ucb_kappa >= 0", "candidates")
+    if len(t.seeds) != 1:
+        raise ConfigError(f"a population trains on one seed, got tune.seeds={t.seeds}", where=loc.where(("tune", "seeds")),
+                          fix="run one study per seed (tune.seeds=[1] tune.study_name=<name>_s1)")
+    if t.storage and "://" in str(t.storage):
+        raise ConfigError("population-based training keeps its population in the study directory, not in a database",
+                          where=loc.where(("tune", "storage")),
+                          fix="drop tune.storage (workers on several machines share the study directory instead)")

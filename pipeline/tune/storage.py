@@ -69,9 +69,7 @@ def open_storage(url: str | None, study_dir: Path):
 
         return JournalStorage(JournalFileBackend(str(path)))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return optuna.storages.RDBStorage(str(url), engine_kwargs={"pool_pre_ping": True})
+        return _open_rdb(str(url))
     except ImportError as err:
         raise ConfigError(f"no database driver for {mask_url(url)}: {str(err).splitlines()[0]}", where="tune.storage",
                           fix="pip install 'psycopg[binary]' (PostgreSQL) or the driver your URL names") from None
@@ -79,6 +77,27 @@ def open_storage(url: str | None, study_dir: Path):
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"cannot open the study storage {mask_url(url)}: {mask_url(first)}", where="tune.storage",
                           fix="check that the database server runs and the URL (user, host, port, database)") from None
+
+
+def _open_rdb(url: str, attempts: int = 5):
+    """Optuna's RDB storage. Workers started together on a fresh database race to create its
+    tables (one loses with a unique-constraint violation on the catalog): that worker retries
+    after a short random pause, by which time the tables exist."""
+    import random
+    import time
+
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (IntegrityError, ProgrammingError) as err:  # "duplicate key" / "already exists" while creating
+            if attempt == attempts - 1 or not any(s in str(err) for s in ("duplicate key", "already exists")):
+                raise
+            time.sleep(0.2 + random.random())
 
 
 class StudyLock:

@@ -305,13 +305,19 @@ class Tuner:
             out += [f"logger.wandb.group={self.study_name}", f"run_name={sp.hydra_value(run_name)}"]
         return out
 
-    def run_config(self, overrides, seed: int, output_dir: Path, *, hook=None, run_name: str = "") -> SeedRun:
-        """Run the pipeline for one configuration and seed (stages shared through the cache)."""
+    def run_cfg(self, overrides, seed: int, output_dir: Path, run_name: str = ""):
+        """The config :meth:`run_config` runs for one configuration and seed."""
+        return compose(list(overrides) + self.seed_overrides(seed) + self.tracking_overrides(run_name),
+                       root=self.root, output_dir=output_dir)
+
+    def run_config(self, overrides, seed: int, output_dir: Path, *, hook=None, run_name: str = "",
+                   rebuild=()) -> SeedRun:
+        """Run the pipeline for one configuration and seed (stages shared through the cache, but
+        those in ``rebuild``: see :func:`pipeline.run.run_pipeline`)."""
         from pipeline.run import run_pipeline
 
-        cfg = compose(list(overrides) + self.seed_overrides(seed) + self.tracking_overrides(run_name),
-                      root=self.root, output_dir=output_dir)
-        results = run_pipeline(cfg, hook=hook)
+        cfg = self.run_cfg(overrides, seed, output_dir, run_name)
+        results = run_pipeline(cfg, hook=hook, rebuild=rebuild)
         info = json.loads((Path(output_dir) / "run.json").read_text())
         return SeedRun(int(seed), Path(output_dir), results, info)
 
