@@ -118,7 +118,8 @@ class StageProgress(Callback):
     """A Rich progress bar for a training stage: optimizer steps done of the planned total, elapsed
     time, ETA and the headline metric(s): what the module logs with ``prog_bar=True`` (losses,
     validation accuracy) or, for the online stages, the held-out gold reward and the rollout
-    reward. Only on a terminal (:func:`build_trainer` adds it when stderr is a TTY)."""
+    reward (two at most: the line fits 80 columns). Only on a terminal (:func:`build_trainer` adds
+    it when stderr is a TTY)."""
 
     #: shown when the module logs nothing with prog_bar=True (online RL logs its metrics itself)
     FALLBACK = ("eval/gold_reward", "rollout/reward_mean", "train/loss")
@@ -127,11 +128,12 @@ class StageProgress(Callback):
         self.stage, self.console = stage, console
         self.progress = self.task = None
 
-    def _text(self, trainer) -> str:
+    def _text(self, trainer, pl_module) -> str:
         metrics = dict(trainer.progress_bar_metrics)
-        if not metrics:
-            metrics = {k: trainer.callback_metrics[k] for k in self.FALLBACK if k in trainer.callback_metrics}
-        return "  ".join(f"{k}={float(v):.4g}" for k, v in list(metrics.items())[:3])
+        if not metrics:  # the online stages' held-out evaluation (``last_eval``), then their rollout metrics
+            known = {**trainer.callback_metrics, **(getattr(pl_module, "last_eval", None) or {})}
+            metrics = {k: known[k] for k in self.FALLBACK if k in known}
+        return "  ".join(f"{k}={float(v):.4g}" for k, v in list(metrics.items())[:2])
 
     def on_train_start(self, trainer, pl_module):
         if not trainer.is_global_zero:
@@ -140,22 +142,26 @@ class StageProgress(Callback):
                                    TimeRemainingColumn)
 
         total = trainer.estimated_stepping_batches
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=24), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
                                  TextColumn("{task.fields[metrics]}"), console=self.console, transient=True)
         self.progress.start()
         self.task = self.progress.add_task(f"{self.stage}", total=None if total == float("inf") else int(total),
                                            metrics="")
 
-    def _update(self, trainer) -> None:
+    def _update(self, trainer, pl_module) -> None:
         if self.progress is not None:
-            self.progress.update(self.task, completed=trainer.global_step, metrics=self._text(trainer))
+            text = self._text(trainer, pl_module)
+            room = self.progress.console.width - len(self.stage) - 58  # the metrics give way, not the bar or ETA
+            if len(text) > room:
+                text = text[:max(room - 1, 0)] + "…" if room > 1 else ""
+            self.progress.update(self.task, completed=trainer.global_step, metrics=text)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._update(trainer)
+        self._update(trainer, pl_module)
 
     def on_validation_end(self, trainer, pl_module):
-        self._update(trainer)
+        self._update(trainer, pl_module)
 
     def _stop(self) -> None:
         if self.progress is not None:

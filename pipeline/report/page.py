@@ -162,13 +162,14 @@ class Page:
                 f"<nav>{nav}</nav><main>{missing}{body}</main></body></html>\n")
 
     def write(self, out_dir: Path) -> Path:
-        """Write ``report.html`` and ``<nn>-<name>.png`` into ``out_dir``; the figures of an earlier
-        report there are removed first (only files of that pattern: nothing else is touched)."""
+        """Write ``report.html`` and ``<nn>-<name>.png`` into ``out_dir``; where an earlier report is,
+        its figures are removed first (only files of that pattern: nothing else is touched)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        for old in out_dir.iterdir():
-            if old.is_file() and re.fullmatch(r"\d{2,}-[a-z0-9-]+\.png", old.name):
-                old.unlink()
+        if (out_dir / "report.html").is_file():
+            for old in out_dir.iterdir():
+                if old.is_file() and re.fullmatch(r"\d{2,}-[a-z0-9-]+\.png", old.name):
+                    old.unlink()
         for f in self.figures:
             (out_dir / f"{f.name}.png").write_bytes(f.png)
         tmp = out_dir / f".report.html.{os.getpid()}.tmp"
