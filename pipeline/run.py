@@ -192,7 +192,7 @@ def run_pipeline(cfg: DictConfig, hook=None, *, rebuild=()) -> dict:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     except OSError as err:
         raise _write_error(err, run_dir) from None
-    with _run_log(run_dir), interrupts_as_errors():
+    with _run_log(run_dir), interrupts_as_errors(), torch_threads_kept():
         try:
             return _run_stages(cfg, stages, run_dir, hook, rebuild)
         except StopRun as err:
@@ -335,6 +335,20 @@ def _run_log(run_dir: Path):
 
 #: set by the command line, which reports an interruption itself and exits 143 / 130
 _REPORTS_INTERRUPTS = False
+
+
+@contextlib.contextmanager
+def torch_threads_kept():
+    """``trainer.num_threads`` applies to this run only: a caller running pipelines in-process
+    (tests, notebooks, the tuner) gets its own thread count back afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 @contextlib.contextmanager

@@ -164,7 +164,8 @@ def test_reward_model_overoptimization_is_visible(tmp_path):
     proxy = [p["eval/proxy_reward"] for p in curve]
     peak = max(range(len(gold_curve)), key=gold_curve.__getitem__)
     assert gold_curve[peak] > gold_curve[0] + 0.05  # optimisation helps at first ...
-    assert gold_curve[-1] < gold_curve[peak] - 0.1  # ... then the proxy is exploited
+    assert gold_curve[-1] < gold_curve[peak] - 0.1  # ... then the proxy is exploited,
+    assert gold_curve[-1] < gold_curve[0]  # down below the SFT policy
     assert proxy[-1] > proxy[peak]
     assert curve[-1]["eval/kl"] > curve[peak]["eval/kl"]
     ev = res["stages"]["eval"]["metrics"]

@@ -91,6 +91,18 @@ def test_results_are_identical_across_fresh_runs_and_timings_live_in_run_json(ca
     assert info["runtime"]["torch_threads"] >= 1 and "timings" in info["stages"]["sft"]
 
 
+def test_trainer_num_threads_applies_to_its_run_only(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    seen = []
+    run_pipeline(compose(FAST + [f"trainer.num_threads={want}"], tmp_path),
+                 hook=lambda *_: seen.append(torch.get_num_threads()))
+    assert seen and set(seen) == {want}  # the stage trained with the requested count ...
+    assert torch.get_num_threads() == before  # ... and the caller got its own back
+
+
 def test_published_files_are_readable_by_others(cached):
     art = _sft_dir(cached[0])
     umask = os.umask(0)

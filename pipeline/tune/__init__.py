@@ -34,6 +34,13 @@ class StudyResult:
 def run_study(sweep: str, tune=(), overrides=(), *, root=None, config_dirs=(), console=None) -> StudyResult:
     """Run (or resume) the study of sweep file ``sweep``: ``tune`` are ``tune.*`` settings without
     the prefix (``["n_trials=8"]``), ``overrides`` pipeline overrides for every trial."""
+    from pipeline.run import torch_threads_kept
+
+    with torch_threads_kept():  # workers share the CPU (set_threads) for this study only
+        return _run_study(sweep, tune, overrides, root=root, config_dirs=config_dirs, console=console)
+
+
+def _run_study(sweep, tune, overrides, *, root, config_dirs, console) -> StudyResult:
     from pipeline.tune.spec import load_spec
     from pipeline.tune.study import Tuner
     from pipeline.tune.worker import launch, set_threads, wait, work
