@@ -109,10 +109,10 @@ def test_every_trainable_parameter_changes_after_one_update(workdir, algo):
 
     original_fit = L.Trainer.fit
 
-    def fit_one_step(trainer, module, loader):
+    def fit_one_step(trainer, module, loader, *args, **kwargs):
         before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
         trainer.fit_loop.epoch_loop.max_steps = cfg.algorithm.ppo_epochs * cfg.algorithm.num_mini_batches
-        original_fit(trainer, module, loader)
+        original_fit(trainer, module, loader, *args, **kwargs)
         captured["changed"] = {n: not torch.equal(before[n], p.detach()) for n, p in module.named_parameters()
                                if n in before}
 
