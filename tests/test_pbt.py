@@ -168,7 +168,7 @@ def test_schedule_applies_at_its_step_and_bad_schedules_are_config_errors(study)
     assert res["stages"]["rl"]["metrics"]["policy/kl_coef"] == pytest.approx(0.45)
     with pytest.raises(ConfigError, match="cannot change during training.*did you mean 'algorithm.kl_coef'"):
         parse_schedule([{"step": 1, "overrides": ["algorithm.kl_coeff=0.1"]}], 10)
-    with pytest.raises(ConfigError, match="past the last rollout step"):
+    with pytest.raises(ConfigError, match="past the last step"):
         parse_schedule([{"step": 10, "overrides": ["algorithm.kl_coef=0.1"]}], 10)
     with pytest.raises(ConfigError, match="expected a number"):
         parse_schedule([{"step": 1, "overrides": ["algorithm.cliprange=wide"]}], 10)
@@ -210,3 +210,36 @@ def test_pb2_bandit_prefers_the_region_that_improved():
     first, second = pb2.choose(obs, y, cands, 2, kappa=0.5)
     assert abs(grid[first, 0] - 0.8) < 0.1
     assert second != first
+
+
+@pytest.mark.slow  # ~20 s
+def test_pb2_population_of_an_online_preference_stage_replays_exactly(tmp_path):
+    """PB2 on a Nash-MD stage (nlhf.schedule: beta and the learning rate change between iterations):
+    it exploits, and a member with an exploited lineage replays bit for bit."""
+    sweep = tmp_path / "nlhf_pb2.yaml"
+    sweep.write_text("""description: a tiny Nash-MD population
+base: [pipeline=nlhf, algorithm=nash_md]
+space:
+  algorithm.beta: {type: float, low: 0.02, high: 0.5, log: true}
+  nlhf.optim.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+objectives: {eval/gold_reward: maximize}
+pbt: {method: pb2, population: 3, segment_steps: 2}
+tune: {seeds: [0], test_seeds: [], progress: false}
+""")
+    overrides = ["model.n_layer=1", "model.n_embd=32", "task.num_train_prompts=200", "task.num_pref_prompts=200",
+                 "task.num_eval_prompts=16", "sft.batch_size=16", "sft.max_epochs=1", "preference_model.max_steps=10",
+                 "trainer.enable_progress_bar=false", "trainer.num_threads=1", "nlhf.rounds=6", "nlhf.eval_every=2",
+                 "nlhf.prompts_per_step=8", "nlhf.eval_prompts=16", "algorithm.max_new_tokens=8", "eval.num_samples=1"]
+    result = run_study(str(sweep), overrides=overrides, root=tmp_path)
+    state = json.loads((result.study_dir / "population.json").read_text())
+    assert state["stage"] == "nash" and state["events"] and result.summary["best"]["reproduces_member"]
+    from pipeline.tune.pbt import Population
+    from pipeline.tune.spec import load_spec
+    from pipeline.tune.study import Tuner
+
+    tuner = Tuner(load_spec(str(sweep)), overrides, root=tmp_path)
+    pop = Population(tuner)
+    member = max(state["members"], key=lambda m: len(m["schedule"]))
+    recorded = json.loads((Path(_final(state, member)["run_dir"]) / "results.json").read_text())
+    replay = run_pipeline(tuner.run_cfg(pop.overrides(member) + ["force_stages=[nash,eval]"], 0, tmp_path / "replay"))
+    assert replay == recorded

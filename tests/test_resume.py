@@ -29,7 +29,10 @@ SFT = ["sft.batch_size=16", "sft.max_epochs=100", "sft.max_steps=150"]  # 13 bat
 RL = ["pipeline=rl_gold", "sft.max_steps=30", "algorithm=ppo", "algorithm.value_init=policy",
       "algorithm.kl_controller=adaptive", "algorithm.kl_target=0.5", "algorithm.kl_horizon=50",
       "algorithm.max_new_tokens=8", "rl.prompts_per_step=8", "rl.total_steps=40", "rl.eval_every=5",
-      "rl.eval_prompts=16", "rl.log_completions_every=3"]
+      "rl.eval_prompts=16", "rl.log_completions_every=3",
+      # a schedule with changes before and after the checkpoint: re-applied / applied after resuming
+      "rl.schedule=[{step:2,overrides:['algorithm.temperature=0.8','rl.optim.lr=0.0003']},"
+      "{step:12,overrides:['algorithm.kl_coef=0.3','algorithm.cliprange=0.1']}]"]
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +121,8 @@ def test_reward_model_killed_mid_stage_resumes_bit_identically(roots):
 
 
 def test_online_rl_killed_mid_stage_resumes_bit_identically(roots):
-    """PPO with a critic and an adaptive KL controller: weights, optimizer, critic, controller, the
-    rollout generator and the prompt order all continue from the checkpoint."""
+    """PPO with a critic, an adaptive KL controller and a schedule: weights, optimizer, critic, controller,
+    the rollout generator, the prompt order and the scheduled settings all continue from the checkpoint."""
     info = check_resume(roots, TINY + SFT + RL + ["trainer.checkpoint_every_n_steps=5"], "rl", "rl", "rl")
     assert info["resumed_from_step"] % 5 == 0
 
@@ -200,12 +203,15 @@ def test_dpo_with_running_statistics_resumes_bit_identically(tmp_path):
 
 
 def test_nlhf_resumes_bit_identically_mid_round(tmp_path):
-    """Online DPO with 2-iteration rounds and a reference updated every round, stopped mid-round."""
+    """Online DPO with 2-iteration rounds and a reference updated every round, stopped mid-round, with a
+    schedule changing settings before and after the checkpoint."""
     args = TINY + SFT + ["pipeline=nlhf", "sft.max_steps=30", "preference_model.max_steps=10",
                          "stages.nash.algorithm=online_dpo", "nlhf.rounds=6", "nlhf.steps_per_round=2",
                          "nlhf.ref_update_every=1", "nlhf.prompts_per_step=8", "nlhf.eval_every=4",
                          "nlhf.eval_prompts=16", "algorithm.max_new_tokens=8", "trainer.checkpoint_every_n_steps=3",
-                         "trainer.log_every_n_steps=1"]
+                         "trainer.log_every_n_steps=1",
+                         "nlhf.schedule=[{step:1,overrides:['algorithm.beta=0.3']},"
+                         "{step:4,overrides:['nlhf.optim.lr=0.0005','algorithm.temperature=0.9']}]"]
     want = run_pipeline(compose(args, tmp_path / "u", "u"))
     got, info = _stopped_then_resumed(tmp_path / "k", args, "nash", 5)
     assert info["resumed_from_step"] == 3 and got == want  # iteration 3: the middle of round 1

@@ -419,6 +419,9 @@ class NLHFConfig:
     #: LoRA adapters on the input policy; the reference is the same model with adapters off
     #: (a copy is still made where a frozen model must sample: Nash-MD's mixture, anchors)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    #: hyperparameters that change during training, per iteration, e.g. [{step: 20, overrides: [algorithm.beta=0.05]}]
+    #: (the keys of pipeline/modules/schedule.py NLHF_SCHEDULABLE; population-based training writes these)
+    schedule: List[ScheduleEntry] = field(default_factory=list)
 
 @dataclass
 class DPOConfig(PreferenceLossOptions):

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from pipeline.errors import TrainingError
 from pipeline.modules.online_objectives import ONLINE_OBJECTIVES
+from pipeline.modules.schedule import NLHF_SCHEDULABLE, parse_schedule, set_learning_rates
 from pipeline.rollout.engine import HFRolloutEngine, RolloutBatch, SamplingParams, reference_logprobs, sequence_logprobs
 from pipeline.scoring import Judge, round_robin_scores
 
@@ -53,8 +54,12 @@ class OnlinePreferenceModule(L.LightningModule):
         self.policy = policy.train()
         self.tokenizer = tokenizer
         self.judge, self.evaluate_fn = judge, evaluate_fn
-        self.acfg, self.ncfg = acfg, ncfg
-        self.loss_options = loss_options or {}
+        # the module's own copies: a schedule (nlhf.schedule) changes them between iterations
+        self.acfg, self.ncfg = copy.deepcopy(acfg), copy.deepcopy(ncfg)
+        self.loss_options = dict(loss_options or {})
+        #: iteration -> {schedulable key: value} taking effect at the start of that iteration
+        self.schedule: dict[int, dict] = dict(parse_schedule(ncfg.schedule, ncfg.rounds * ncfg.steps_per_round,
+                                                             "nlhf.schedule", NLHF_SCHEDULABLE))
         self.work_dir = Path(work_dir) if work_dir else None
         self.grad_clip, self.seed = grad_clip, seed
         self.objective = ONLINE_OBJECTIVES.get(acfg.loss, key="algorithm.loss")
@@ -81,6 +86,8 @@ class OnlinePreferenceModule(L.LightningModule):
         self.rollout_step = 0
         #: the module's part of a checkpoint being resumed from (applied in ``on_fit_start``)
         self._resumed: dict | None = None
+        #: the latest held-out evaluation, ``{"step": s, "eval/gold_reward": ..}`` (rank 0)
+        self.last_eval: dict | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_optimizers(self):
@@ -96,6 +103,9 @@ class OnlinePreferenceModule(L.LightningModule):
             self._generator.set_state(resumed["generator"])
             if self.evaluate_fn is not None and resumed.get("baseline") is not None:
                 self.evaluate_fn.baseline = list(resumed["baseline"])  # sampled from the input policy
+            for step in sorted(self.schedule):  # the settings in effect (the optimizer already holds their lr)
+                if step < self.rollout_step:
+                    self.apply_hyperparameters(self.schedule[step], state=False)
             return
         if self.evaluate_fn is not None and self.ncfg.eval_every > 0:
             if hasattr(self.evaluate_fn, "set_baseline") and self.trainer.is_global_zero:
@@ -172,8 +182,27 @@ class OnlinePreferenceModule(L.LightningModule):
                 "rollout/eos_rate": batch.has_eos.float().mean()}
 
     # --------------------------------------------------------------- the step
+    def apply_hyperparameters(self, values: dict, state: bool = True) -> None:
+        """Set schedulable hyperparameters (``{"algorithm.beta": 0.05, ...}``, see
+        :mod:`pipeline.modules.schedule`) from now on; ``state=True`` also pushes a new learning
+        rate into the optimizer and its LR schedule (a resumed run restores those instead)."""
+        for key, value in values.items():
+            section, name = key.split(".", 1)
+            if section == "nlhf":  # nlhf.optim.lr
+                self.ncfg.optim.lr = value
+                continue
+            self.acfg[name] = value
+            if name in self.loss_options:
+                self.loss_options[name] = value
+        self.sampling = self.sampling.replace(temperature=self.acfg.temperature, top_p=self.acfg.top_p,
+                                              top_k=self.acfg.top_k)
+        if state and "nlhf.optim.lr" in values:
+            set_learning_rates(self.optimizers(), self.lr_schedulers(), [self.ncfg.optim.lr])
+
     def training_step(self, rows: list[dict], batch_idx: int):
         t0 = time.perf_counter()
+        if self.rollout_step in self.schedule:
+            self.apply_hyperparameters(self.schedule[self.rollout_step])
         self._round_start()
         prompts = [r["prompt"] for r in rows]
         stats: dict[str, list[float]] = {}
@@ -250,6 +279,7 @@ class OnlinePreferenceModule(L.LightningModule):
         was_training = self.policy.training
         m = {k: float(v) for k, v in self.evaluate_fn(self.policy).items()}
         self.policy.train(was_training)
+        self.last_eval = {"step": step, **m}  # the runner's hook receives it at this step (MetricsHookCallback)
         if self.work_dir is not None:
             with open(self.work_dir / "curve.jsonl", "a") as fh:
                 fh.write(json.dumps({"step": step, **m}) + "\n")

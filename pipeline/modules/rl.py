@@ -45,7 +45,7 @@ from pipeline.algorithms import (
 from pipeline.data import seeded_generator
 from pipeline.errors import TrainingError
 from pipeline.models.packing import accepts_packed
-from pipeline.modules.schedule import parse_schedule
+from pipeline.modules.schedule import parse_schedule, set_learning_rates
 from pipeline.rollout.engine import (
     HFRolloutEngine,
     ResponseLayout,
@@ -78,21 +78,6 @@ class Experience:
     score_time_s: float
     #: the batch laid out for the forward passes (packed: each prompt once), reused by the update
     layout: ResponseLayout
-
-
-def _set_learning_rates(opt, sch, lrs: list[float]) -> None:
-    """New base learning rates for the optimizer's parameter groups; an LR schedule keeps its shape
-    (the current lr is the new base lr times the schedule's current factor)."""
-    opt = getattr(opt, "optimizer", opt)  # Lightning's wrapper
-    for i, (group, lr) in enumerate(zip(opt.param_groups, lrs)):
-        group["initial_lr"] = lr
-        if sch is not None and hasattr(sch, "lr_lambdas"):
-            sch.base_lrs[i] = lr
-            group["lr"] = lr * sch.lr_lambdas[i](sch.last_epoch)
-        else:
-            group["lr"] = lr
-    if sch is not None:
-        sch._last_lr = [g["lr"] for g in opt.param_groups]
 
 
 class OnlineRLModule(L.LightningModule):
@@ -229,7 +214,7 @@ class OnlineRLModule(L.LightningModule):
             lrs = [self.rcfg.optim.lr]
             if self.value_model is not None:
                 lrs.append(self.acfg.critic_lr or self.rcfg.optim.lr)
-            _set_learning_rates(self.optimizers(), self.lr_schedulers(), lrs)
+            set_learning_rates(self.optimizers(), self.lr_schedulers(), lrs)
 
     def training_step(self, rows: list[dict], batch_idx: int):
         t0 = time.perf_counter()

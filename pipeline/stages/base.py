@@ -84,6 +84,11 @@ class Stage:
         self.record: dict = {}
 
     @classmethod
+    def total_steps(cls, cfg: DictConfig) -> int | None:
+        """The steps a schedule counts (rollout steps, iterations), for a stage with a ``schedule_key``."""
+        return None
+
+    @classmethod
     def validate(cls, cfg: DictConfig, spec) -> None:
         """Check this stage's settings before *any* stage runs (fail fast)."""
 

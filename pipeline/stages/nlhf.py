@@ -25,6 +25,7 @@ from pipeline.models.preference import PreferenceScorer
 from pipeline.models.reward import RewardScorer
 from pipeline.modules.nlhf import OnlinePreferenceModule, frozen_copy
 from pipeline.modules.online_objectives import ONLINE_OBJECTIVES
+from pipeline.modules.schedule import NLHF_SCHEDULABLE, parse_schedule
 from pipeline.scoring import JUDGES
 from pipeline.stages.base import STAGES, Role, Stage
 from pipeline.tasks import build_task
@@ -108,11 +109,18 @@ class NLHFStage(Stage):
     ignored_task_fields = ("num_pref_prompts", "label_noise", "num_eval_prompts")
     headline = ("rollout/win_rate", "policy/kl", "eval/win_rate", "eval/gold_reward", "eval/kl", "train/steps")
     algorithm_schema = NLHFAlgorithmConfig
+    schedule_key = "nlhf.schedule"
+    schedulable = tuple(NLHF_SCHEDULABLE)
+
+    @classmethod
+    def total_steps(cls, cfg) -> int:
+        return int(cfg.nlhf.rounds * cfg.nlhf.steps_per_round)
 
     @classmethod
     def validate(cls, cfg, spec) -> None:
         acfg, ncfg = cfg.algorithm, cfg.nlhf
         validate_algorithm(acfg, ncfg)
+        parse_schedule(ncfg.schedule, cls.total_steps(cfg), "nlhf.schedule", NLHF_SCHEDULABLE)
         where = f"pipeline.stages.{spec.name}.inputs"
         if ncfg.judge is None:
             if "judge" not in spec.inputs:

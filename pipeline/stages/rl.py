@@ -67,6 +67,10 @@ class RLStage(Stage):
     schedulable = tuple(SCHEDULABLE)
 
     @classmethod
+    def total_steps(cls, cfg) -> int:
+        return int(cfg.rl.total_steps)
+
+    @classmethod
     def validate(cls, cfg, spec) -> None:
         validate_batch_sizes(cfg)
         parse_schedule(cfg.rl.schedule, cfg.rl.total_steps)

@@ -242,7 +242,7 @@ class Population:
             if not chosen[0].cls.schedule_key:
                 raise ConfigError(f"stage {self.p.stage!r} (kind {chosen[0].spec.kind}) cannot change its "
                                   "hyperparameters during training", where="pbt.stage",
-                                  fix="population-based training needs a stage with a schedule (kind rl)")
+                                  fix="population-based training needs a stage with a schedule (kind rl or nlhf)")
         else:
             chosen = [st for st in schedulable if st.name in self.tuner.seed_stages]
             if len(chosen) != 1:
@@ -251,6 +251,12 @@ class Population:
                                   " take the searched settings", where="pbt.stage",
                                   fix="name the stage trained in segments: pbt.stage=<name>")
         st = chosen[0]
+        others = [s.name for s in schedulable if s.spec.kind == st.spec.kind and s.name != st.name
+                  and s.name in self.tuner.seed_stages]
+        if others:  # the members' values and schedules are run-wide keys: they would change those stages too
+            raise ConfigError(f"the searched settings also change stage(s) {', '.join(others)} (kind "
+                              f"{st.spec.kind}), which would train with the members' schedules too",
+                              where="pbt.stage", fix=f"use a pipeline with one {st.spec.kind} stage")
         self.stage, self.kind = st.name, st.spec.kind
         section = st.cls.schedule_key.split(".")[0]
         scfg = st.cfg[section]
@@ -262,12 +268,12 @@ class Population:
         if scfg.schedule:
             raise ConfigError(f"{st.cls.schedule_key} is set in the base overrides; the population writes it",
                               where="base", fix=f"remove {st.cls.schedule_key} from the sweep's base and command line")
-        self.total_steps = int(scfg.total_steps)
+        self.total_steps = int(st.cls.total_steps(st.cfg))
         self.segments = math.ceil(self.total_steps / self.p.segment_steps)
         if self.segments < 2:
-            raise ConfigError(f"{section}.total_steps={self.total_steps} is one segment of "
-                              f"{self.p.segment_steps} steps: nothing to exploit", where="pbt.segment_steps",
-                              fix=f"use segments shorter than {section}.total_steps")
+            raise ConfigError(f"stage {st.name} trains {self.total_steps} steps: one segment of "
+                              f"{self.p.segment_steps} steps, nothing to exploit", where="pbt.segment_steps",
+                              fix="use segments shorter than the stage")
         for m in (self.metric, self.p.kl_metric if self.p.kl_penalty else None):
             if m and m.startswith("eval/"):
                 every = int(scfg.eval_every)
