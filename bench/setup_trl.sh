@@ -25,8 +25,9 @@ TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
 TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.23.0}"
 ACCELERATE_VERSION="${ACCELERATE_VERSION:-1.15.0}"
 DATASETS_VERSION="${DATASETS_VERSION:-5.2.0}"
-# psutil: peak-memory sampling in trl_baselines.py
-EXTRA=(psutil)
+OMEGACONF_VERSION="${OMEGACONF_VERSION:-2.3.1}"
+# psutil: peak-memory sampling in trl_baselines.py; omegaconf: pipeline.tasks (the gold reward) reads task options with it
+EXTRA=(psutil "omegaconf==$OMEGACONF_VERSION")
 
 make_env() {
     local name="$1" trl_spec="$2"

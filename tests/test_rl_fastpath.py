@@ -259,3 +259,16 @@ def test_entropy_only_on_logged_steps(make_cfg):
         if module._entropy_due():
             due.append(step + 1)
     assert due == [1, 10, 20, 25]
+
+
+def test_decode_mask_only_for_plain_full_attention():
+    """The engine builds the one-token decoding mask itself (same tokens as generate, above) only
+    where that is the model's own mask: not with a sliding window, and not for custom modules."""
+    model = make_gpt2()
+    make = HFRolloutEngine._decode_mask(model)
+    assert make is not None
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert make(mask).shape == (2, 1, 1, 3) and make(mask).dtype == torch.bool
+    model.config.sliding_window = 4
+    assert HFRolloutEngine._decode_mask(model) is None
+    assert HFRolloutEngine._decode_mask(torch.nn.Linear(2, 2)) is None

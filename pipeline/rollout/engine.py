@@ -736,6 +736,21 @@ class HFRolloutEngine:
         return out.past_key_values, out.logits[:, -1, :]
 
     @staticmethod
+    def _decode_mask(model: Any) -> Any:
+        """For one-token decoding steps: a function ``[rows, kv] padding mask -> [rows, 1, 1, kv]``
+        mask in the form ``model`` takes, so transformers does not rebuild it every step; None
+        (pass the 2D mask) unless the model has plain full attention (eager / sdpa, no sliding
+        window or chunked attention), where the two are the same."""
+        cfg = getattr(model, "config", None)
+        if cfg is None or not accepts_packed(model):
+            return None
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        if getattr(cfg, "sliding_window", None) or getattr(cfg, "attention_chunk_size", None) or any(
+                t != "full_attention" for t in (getattr(cfg, "layer_types", None) or ())):
+            return None
+        return lambda mask: attention_mask_for(model, mask[:, None, None, :].bool())
+
+    @staticmethod
     def _select_cache(cache: Any, keep: Tensor) -> Any:
         if hasattr(cache, "batch_select_indices"):
             cache.batch_select_indices(keep)
@@ -782,6 +797,9 @@ class HFRolloutEngine:
         n_done = 0
         pad_t = torch.tensor(pad, dtype=torch.long, device=device)
         steps = 0
+        keep_2d = lambda m: m  # noqa: E731
+        mask_of = self._decode_mask(self.model) or keep_2d
+        mix_mask_of = (self._decode_mask(mixture_model) or keep_2d) if mixture_model is not None else keep_2d
 
         for t in range(max_new):
             logits = logits.float()
@@ -833,8 +851,8 @@ class HFRolloutEngine:
                 done = done[keep]
                 n_done = 0
             step_mask = attn[:, : plen + t + 1]
-            cache, logits = self._step(self.model, tok, step_mask, next_pos + t, cache)
+            cache, logits = self._step(self.model, tok, mask_of(step_mask), next_pos + t, cache)
             if mixture_model is not None:
-                mix_cache, mix_logits = self._step(mixture_model, tok, step_mask, next_pos + t, mix_cache)
+                mix_cache, mix_logits = self._step(mixture_model, tok, mix_mask_of(step_mask), next_pos + t, mix_cache)
 
         return resp[:, :steps], resp_mask[:, :steps], logprobs[:, :steps], has_eos
