@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     print(f"\nsame train tokens on both sides: {same}")
     for setting, gap in curves:  # same batches, same math: the held-out curves should agree to float rounding
         print(f"{setting}: largest held-out margin difference between the sides over {gap[1]} evaluations: {gap[0]:.2e}")
+        if gap[0] > 1e-4:
+            print(f"  WARNING ({setting}): the curves differ by more than float rounding: the sides no longer train on "
+                  "the same batches or with the same math (check bench/dpo_ours.py's loader patch)")
 
 
 def curve_gap(a: list[dict], b: list[dict]) -> tuple[float, int]:

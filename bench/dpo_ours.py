@@ -113,12 +113,12 @@ def run(args) -> None:
                       f"margin {row['heldout_margin']:+.3f}", flush=True)
 
     dpo_stage.DPOModule = BenchModule
-    from torch.utils.data import DataLoader
+    resumable = dpo_stage.ResumableLoader
 
     def in_file_order(*a, shuffle=False, generator=None, **kw):  # train.jsonl is pre-shuffled, as on the TRL side
-        return DataLoader(*a, shuffle=False, **kw)
+        return resumable(*a, shuffle=False, **kw)
 
-    dpo_stage.DataLoader = in_file_order
+    dpo_stage.ResumableLoader = in_file_order  # the stage's training loader
     dpo_stage.split_holdout = lambda examples, fraction, seed: (list(examples), [])  # no held-out split, no permutation
     _setup_env()
     spec = next(s for s in cfg.pipeline.stages if s.kind == "dpo")

@@ -5,7 +5,7 @@
     .venv/bin/python bench/pbt_vs_tpe.py --settings arithmetic --methods pbt tpe --seeds 0
 
 Settings: ``overoptimization`` (``experiment=overoptimization``: a proxy reward model trained on
-noisy labels, PPO with a small KL coefficient, the gold reward peaking and falling back) and
+noisy labels, PPO whose gold reward peaks and falls back with little KL penalty) and
 ``arithmetic`` (``experiment=arithmetic_grpo``: GRPO on the verifiable exact-match reward), both with
 ``rl.total_steps`` steps and the held-out evaluation every ``rl.eval_every``. One search space for
 every method: ``algorithm.kl_coef``, ``rl.optim.lr``, ``algorithm.temperature``, ``algorithm.cliprange``.

@@ -1,6 +1,8 @@
 """Pieces shared by the LightningModules: optimizer + schedule, finite-loss guard."""
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 
 import torch
@@ -40,3 +42,37 @@ def check_finite(loss: torch.Tensor, *, step: int, key: str) -> None:
             where=key,
             fix=f"lower {key}.optim.lr, keep trainer.gradient_clip_val set, or use precision=32-true",
         )
+
+
+class OnlineLogging:
+    """Per-rollout-step logging and the held-out curve, shared by the online stages' modules
+    (``OnlineRLModule``, ``OnlinePreferenceModule``): they set ``rollout_step``, ``policy``,
+    ``evaluate_fn``, ``work_dir`` and ``last_eval``."""
+
+    def _log(self, metrics: dict) -> None:
+        """Per-rollout-step metrics, averaged over ranks, logged at ``rollout_step``."""
+        t = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            t = self.trainer.strategy.reduce(t, reduce_op="mean")
+        metrics = dict(zip(metrics, t.tolist()))
+        metrics["train/rollout_step"] = float(self.rollout_step)
+        # callbacks (progress bar, the tuner's hook) read callback_metrics
+        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if self.trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=self.rollout_step)
+
+    def _evaluate(self, step: int = 0) -> None:
+        """Held-out evaluation of the policy (rank 0): ``curve.jsonl``, the loggers, ``last_eval``."""
+        if not self.trainer.is_global_zero:
+            return
+        was_training = self.policy.training
+        m = {k: float(v) for k, v in self.evaluate_fn(self.policy).items()}
+        self.policy.train(was_training)
+        self.last_eval = {"step": step, **m}  # the runner's hook receives it at this step (MetricsHookCallback)
+        if self.work_dir is not None:
+            with open(self.work_dir / "curve.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": step, **m}) + "\n")
+        for logger in self.loggers:
+            with contextlib.suppress(Exception):
+                logger.log_metrics(m, step=step)

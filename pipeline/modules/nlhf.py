@@ -23,9 +23,7 @@ Frozen copies are made only where an objective needs one (``models`` metadata): 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -35,6 +33,7 @@ import torch
 from torch import Tensor
 
 from pipeline.errors import TrainingError
+from pipeline.modules.common import OnlineLogging
 from pipeline.modules.online_objectives import ONLINE_OBJECTIVES
 from pipeline.modules.schedule import NLHF_SCHEDULABLE, parse_schedule, set_learning_rates
 from pipeline.rollout.engine import HFRolloutEngine, RolloutBatch, SamplingParams, reference_logprobs, sequence_logprobs
@@ -45,7 +44,7 @@ def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
-class OnlinePreferenceModule(L.LightningModule):
+class OnlinePreferenceModule(OnlineLogging, L.LightningModule):
     def __init__(self, policy, tokenizer, judge: Judge, acfg, ncfg, *, ref_policy=None, loss_options: dict | None = None,
                  evaluate_fn: Callable | None = None, work_dir: Path | None = None,
                  grad_clip: float | None = 1.0, seed: int = 0, max_prompt_length: int | None = None):
@@ -262,27 +261,3 @@ class OnlinePreferenceModule(L.LightningModule):
             stats.setdefault(k, []).append(float(v))
 
     # ------------------------------------------------------------- logging
-    def _log(self, metrics: dict) -> None:
-        t = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:
-            t = self.trainer.strategy.reduce(t, reduce_op="mean")
-        metrics = dict(zip(metrics, t.tolist()))
-        metrics["train/rollout_step"] = float(self.rollout_step)
-        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        if self.trainer.is_global_zero:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.rollout_step)
-
-    def _evaluate(self, step: int) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        was_training = self.policy.training
-        m = {k: float(v) for k, v in self.evaluate_fn(self.policy).items()}
-        self.policy.train(was_training)
-        self.last_eval = {"step": step, **m}  # the runner's hook receives it at this step (MetricsHookCallback)
-        if self.work_dir is not None:
-            with open(self.work_dir / "curve.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, **m}) + "\n")
-        for logger in self.loggers:
-            with contextlib.suppress(Exception):
-                logger.log_metrics(m, step=step)

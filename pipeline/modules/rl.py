@@ -45,6 +45,7 @@ from pipeline.algorithms import (
 from pipeline.data import seeded_generator
 from pipeline.errors import TrainingError
 from pipeline.models.packing import accepts_packed
+from pipeline.modules.common import OnlineLogging
 from pipeline.modules.schedule import parse_schedule, set_learning_rates
 from pipeline.rollout.engine import (
     HFRolloutEngine,
@@ -80,7 +81,7 @@ class Experience:
     layout: ResponseLayout
 
 
-class OnlineRLModule(L.LightningModule):
+class OnlineRLModule(OnlineLogging, L.LightningModule):
     def __init__(self, policy, tokenizer, scorer: Callable, acfg, rcfg, *, ref_policy=None, value_model=None,
                  gold_fn: Callable | None = None, evaluate_fn: Callable | None = None, work_dir: Path | None = None,
                  grad_clip: float | None = 1.0, seed: int = 0, max_prompt_length: int | None = None):
@@ -246,7 +247,7 @@ class OnlineRLModule(L.LightningModule):
         if self.gold_fn is not None:
             metrics["rollout/gold_reward"] = self.gold_fn(rollout.prompts, rollout.completions).mean()
         self.rollout_step += 1
-        self._log(metrics, len(rollout))
+        self._log(metrics)
         self._log_completions(rollout, raw_scores)
         if self.evaluate_fn is not None and self.rcfg.eval_every > 0 and self.rollout_step % self.rcfg.eval_every == 0:
             self._evaluate(step=self.rollout_step)
@@ -353,33 +354,6 @@ class OnlineRLModule(L.LightningModule):
         return out
 
     # ------------------------------------------------------------- logging
-    def _log(self, metrics: dict, batch_size: int) -> None:
-        """Per-rollout-step metrics, averaged over ranks, logged at ``rollout_step``."""
-        t = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
-        if self.trainer.world_size > 1:
-            t = self.trainer.strategy.reduce(t, reduce_op="mean")
-        metrics = dict(zip(metrics, t.tolist()))
-        metrics["train/rollout_step"] = float(self.rollout_step)
-        # callbacks (progress bar, the tuner's hook) read callback_metrics
-        self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
-        if self.trainer.is_global_zero:
-            for logger in self.loggers:
-                logger.log_metrics(metrics, step=self.rollout_step)
-
-    def _evaluate(self, step: int = 0) -> None:
-        if not self.trainer.is_global_zero:
-            return
-        was_training = self.policy.training
-        m = self.evaluate_fn(self.policy)
-        self.policy.train(was_training)
-        m = {k: float(v) for k, v in m.items()}
-        self.last_eval = {"step": step, **m}  # the runner's hook receives it at this step (MetricsHookCallback)
-        if self.work_dir is not None:
-            with open(self.work_dir / "curve.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": step, **m}) + "\n")
-        for logger in self.loggers:
-            logger.log_metrics(m, step=step)
-
     def _log_completions(self, rollout: RolloutBatch, scores: torch.Tensor) -> None:
         every = self.rcfg.log_completions_every
         if not every or (self.rollout_step - 1) % every or not self.trainer.is_global_zero or self.work_dir is None:
