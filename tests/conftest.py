@@ -55,6 +55,30 @@ def cli_env(root: Path, **extra: str) -> dict:
     return env
 
 
+def sigkill_when(module_args: list[str], root: Path, ready, *, what: str, timeout: float = 300) -> subprocess.Popen:
+    """Start ``python -m MODULE_ARGS`` in ``root`` and SIGKILL it as soon as ``ready()`` is true;
+    the test fails if the process ends first or ``what`` does not happen within ``timeout``."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", *module_args], cwd=root, env=cli_env(root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            if proc.poll() is not None:
+                pytest.fail(f"the process ended (rc={proc.returncode}) before {what}:\n" + proc.stderr.read()[-2000:])
+            if time.time() > deadline:
+                pytest.fail(f"no {what} after {timeout}s")
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    return proc
+
+
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """``python -m pipeline ARGS`` in ``cwd`` (artifacts under cwd/outputs)."""
     full_env = cli_env(cwd, **(env or {}))

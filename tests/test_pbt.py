@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +19,7 @@ from pipeline.errors import ConfigError
 from pipeline.modules.schedule import parse_schedule
 from pipeline.run import run_pipeline
 from pipeline.tune import pb2, run_study
-from tests.conftest import run_cli
+from tests.conftest import run_cli, sigkill_when
 
 PIPELINE = ["pipeline=rl_gold", "model.n_layer=1", "model.n_embd=32", "task.num_train_prompts=200",
             "task.num_eval_prompts=16", "sft.batch_size=16", "sft.max_epochs=1", "trainer.enable_progress_bar=false",
@@ -120,29 +116,17 @@ def test_killed_study_resumes_at_the_last_completed_segment(study, tmp_path, cap
     segment 0 is trained again) and ends with the same population as the uninterrupted study."""
     _, _, want, _ = study
     sweep = write_sweep(tmp_path)
-    env = dict(os.environ, PIPELINE_ROOT=str(tmp_path), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tune", f"sweep={sweep}", *PIPELINE], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     state_file = tmp_path / "outputs" / "studies" / "tiny_pbt" / "population.json"
-    deadline = time.time() + 300
-    try:
-        while True:
-            try:
-                state = json.loads(state_file.read_text())
-            except (OSError, ValueError):
-                state = None
-            if state and state["segment"] >= 1 and any(m["segments"]["1"]["state"] == "done" for m in state["members"]):
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"the study ended (rc={proc.returncode}) before it could be killed:\n"
-                            + proc.stderr.read()[-2000:])
-            assert time.time() < deadline, "no segment finished in time"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+
+    def segment_1_done() -> bool:
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, ValueError):
+            return False
+        return state["segment"] >= 1 and any(m["segments"]["1"]["state"] == "done" for m in state["members"])
+
+    sigkill_when(["pipeline.tune", f"sweep={sweep}", *PIPELINE], tmp_path, segment_1_done,
+                 what="a member finished segment 1", timeout=300)
     killed = json.loads(state_file.read_text())
     assert killed["segment"] == 1  # killed mid-study
     with caplog.at_level(logging.INFO, logger="pipeline.tune"):

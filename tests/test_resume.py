@@ -10,17 +10,13 @@ the later tests need is built once in each.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.run import run_pipeline
-from tests.conftest import compose
+from tests.conftest import compose, sigkill_when
 
 TINY = ["model.n_layer=1", "model.n_embd=32", "task.num_train_prompts=200", "task.num_pref_prompts=200",
         "task.num_eval_prompts=16", "eval.num_samples=1", "eval.max_new_tokens=8", "trainer.num_threads=1",
@@ -57,23 +53,10 @@ def _checkpoint_step(root: Path, kind: str) -> int:
 def kill_after_checkpoint(args: list[str], root: Path, kind: str, timeout: float = 300) -> int:
     """Run ``python -m pipeline args`` in ``root``; SIGKILL it once stage ``kind`` has a checkpoint.
     Returns the checkpoint's step."""
-    env = dict(os.environ, PIPELINE_ROOT=str(root), HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    try:
-        while (step := _checkpoint_step(root, kind)) == 0:
-            if proc.poll() is not None:
-                pytest.fail(f"the run ended (rc={proc.returncode}) before stage {kind} wrote a checkpoint:\n"
-                            + proc.stderr.read()[-2000:])
-            if time.time() > deadline:
-                pytest.fail(f"no {kind} checkpoint after {timeout}s")
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    seen = []  # the checkpoint step seen just before the kill
+    proc = sigkill_when(["pipeline", *args], root, lambda: seen.append(_checkpoint_step(root, kind)) or seen[-1] > 0,
+                        what=f"stage {kind} wrote a checkpoint", timeout=timeout)
+    step = seen[-1]
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not list((root / "outputs" / "artifacts").glob(f"{kind}-*/manifest.json"))  # nothing published
     return step
